@@ -1,0 +1,3 @@
+from vitune.cli import run
+
+run()

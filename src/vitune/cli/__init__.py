@@ -1,0 +1,79 @@
+"""The `vitune` command: one small module per command group, one entry point here.
+
+User mistakes (`UserError`) print one line and exit 2; anything else is a bug: exit 1.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from vitune.errors import UserError
+
+app = typer.Typer(
+    name="vitune",
+    help=(
+        "Fine-tune open LLMs (Llama, Mistral, Qwen, BLOOM, Vistral, VinaLlama, ...) on Alpaca and "
+        "ShareGPT data with LoRA, QLoRA or full fine-tuning.\n\n"
+        "Example: vitune init-model --arch llama --out runs/tiny-llama && vitune train examples/quickstart.yaml"
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True)
+
+from vitune.cli import chat as _chat  # noqa: E402,F401  (registers commands)
+from vitune.cli import init_model as _init_model  # noqa: E402,F401
+from vitune.cli import train as _train  # noqa: E402,F401
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for vitune's own output: library progress bars and notices off."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes warns on import that an optional Hub-fetched CPU kernel is missing
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:  # click's usage errors are user errors too
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

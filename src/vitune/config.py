@@ -1,0 +1,290 @@
+"""The schema of one run: a YAML file in four sections (model, method, data, train).
+
+`load_config(path, overrides)` reads the YAML, applies `--set a.b=value` overrides and
+validates it. Every mistake becomes one `ConfigError` line naming the key path, the bad
+value and what is allowed (or the nearest valid key). Rules across fields raise; nothing
+here quietly rewrites what the user wrote.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vitune.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ---------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(description="Hub id (org/name) or local model folder.")
+    template: str = Field(
+        "auto",
+        description="Chat template: auto (the tokenizer's own) or a built-in name "
+        "(llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, alpaca).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: auto = bfloat16 on a GPU that supports it, else float32."
+    )
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager", "flex_attention"] = "auto"
+    trust_remote_code: bool = False
+
+
+# ---------------------------------------------------------------- method
+
+
+class LoraSettings(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = Field(
+        "all-linear", description="all-linear or a list of module names such as [q_proj, v_proj]."
+    )
+    modules_to_save: Optional[list[str]] = Field(
+        None, description="Modules trained in full beside the adapter, e.g. [embed_tokens, lm_head]."
+    )
+
+
+class QuantizationSettings(Section):
+    bits: Literal[4, 8] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class MethodConfig(Section):
+    type: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
+
+
+# ---------------------------------------------------------------- data
+
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
+
+
+class DatasetSpec(Section):
+    path: str = Field(description="A local .json/.jsonl/.csv/.parquet file, or a Hub dataset name.")
+    format: DataFormat = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Renamed fields, canonical -> yours, e.g. {instruction: question, output: answer}.",
+    )
+    split: str = "train"
+    weight: float = Field(1.0, gt=0)
+    max_samples: Optional[int] = Field(None, gt=0)
+
+
+class NormalizeSettings(Section):
+    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    vi_tone: Literal["keep", "new", "old"] = "keep"
+
+
+class DataConfig(Section):
+    train: list[DatasetSpec] = Field(min_length=1)
+    eval: Optional[list[DatasetSpec]] = None
+    val_size: float = Field(0.0, ge=0, description="Fraction (<1) or count (>=1) of rows held out for evaluation.")
+    max_length: int = Field(2048, gt=1)
+    overflow: Literal["drop", "truncate"] = Field(
+        "drop", description="Rows longer than max_length: drop them (counted) or truncate them."
+    )
+    packing: bool = False
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
+    on_error: Literal["raise", "skip"] = "raise"
+    num_proc: Optional[int] = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _eval_sources_exclusive(self) -> "DataConfig":
+        if self.eval and self.val_size:
+            raise ValueError("give either data.eval or data.val_size, not both")
+        return self
+
+
+# ---------------------------------------------------------------- train
+
+
+class TrainConfig(Section):
+    stage: Literal["sft"] = Field("sft", description="Training stage. This release supports sft.")
+    epochs: float = Field(3.0, gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+    micro_batch_size: int = Field(4, gt=0)
+    gradient_accumulation: int = Field(1, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = "adamw_torch"
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0)
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    output_dir: str = "runs/vitune"
+    overwrite: bool = Field(False, description="Replace an existing output_dir instead of refusing.")
+    save_steps: Optional[int] = Field(None, gt=0)
+    save_total_limit: Optional[int] = Field(None, gt=0)
+    eval_steps: Optional[int] = Field(None, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    resume: Literal[False] = Field(False, description="Resuming is not supported in this release.")
+    report_to: list[Literal["tensorboard", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+
+
+class RunConfig(Section):
+    model: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> "RunConfig":
+        if self.method.type != "qlora" and "quantization" in self.method.model_fields_set:
+            raise ValueError("method.quantization is only used with method.type: qlora")
+        if self.method.type == "full" and "lora" in self.method.model_fields_set:
+            raise ValueError("method.lora is only used with method.type: lora or qlora")
+        return self
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config, apply `key.path=value` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (give the path of a YAML file, e.g. examples/quickstart.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping with sections model, method, data, train")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_config(raw, source=str(path))
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: write it as key.path=value, e.g. --set train.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    # YAML 1.1 reads 1e-4 as a string; numbers are what users mean.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if isinstance(child, list) and parts[depth + 1].isdigit():
+            # data.train.0.path=... addresses a list item
+            index = int(parts[depth + 1])
+            if index >= len(child):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} has {len(child)} item(s)")
+            if depth + 2 == len(parts):
+                child[index] = value
+                return
+            node = child[index]
+            parts = parts[: depth + 1] + parts[depth + 2 :]
+            continue
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_first_problem(exc, source)) from None
+
+
+def _first_problem(exc: ValidationError, source: str) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        hint = _nearest_key(err["loc"])
+        suggestion = f"; did you mean '{hint}'?" if hint else f"; valid keys here: {', '.join(_keys_at(err['loc'][:-1]))}"
+        return f"{source}: unknown key '{key}'{suggestion}"
+    if kind == "missing":
+        return f"{source}: missing required key '{key}'"
+    value = err.get("input")
+    if kind == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        return f"{source}: {key} = {value!r} is not allowed; expected {allowed}"
+    if kind == "value_error" and not loc:
+        return f"{source}: {err['msg'].removeprefix('Value error, ')}"
+    msg = err["msg"].removeprefix("Value error, ")
+    where = f"{key} = {value!r}" if key else "config"
+    return f"{source}: {where}: {msg[0].lower() + msg[1:]}"
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the keys at a location such as ('data', 'train', 0)."""
+    model: Any = RunConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model else None
+        if field is None:
+            return None
+        model = _inner_model(field.annotation)
+    return model
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _inner_model(arg)
+        if found:
+            return found
+    return None
+
+
+def _keys_at(loc: tuple) -> list[str]:
+    model = _model_at(loc)
+    return list(model.model_fields) if model else []
+
+
+def _nearest_key(loc: tuple) -> str | None:
+    parent, bad = loc[:-1], str(loc[-1])
+    keys = _keys_at(parent)
+    match = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
+    if match:
+        return ".".join(str(p) for p in (*parent, match[0]))
+    # a key put in the wrong section: search every section
+    for section in RunConfig.model_fields:
+        model = _model_at((section,))
+        if model and bad in model.model_fields:
+            return f"{section}.{bad}"
+    return None
+
+
+def dump_config(config: RunConfig) -> str:
+    """The resolved config as YAML, every default written out."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

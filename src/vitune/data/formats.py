@@ -1,0 +1,150 @@
+"""Row formats: one function per format turns a raw row into a `Conversation`.
+
+Each parser raises `RowProblem(reason, detail)` for a row it cannot use; the caller adds
+the file and row. `reason` is a short countable label, `detail` says what to do.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from vitune.data.records import Conversation, Message
+
+ROLE_NAMES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+
+
+class RowProblem(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _field(row: dict, name: str, columns: dict[str, str], fmt: str, required: bool = True):
+    key = columns.get(name, name)
+    if key not in row or row[key] is None:
+        if not required:
+            return None
+        mapped = f" (mapped from {name!r} by columns)" if name in columns else ""
+        present = ", ".join(sorted(map(str, row))) or "none"
+        raise RowProblem(
+            "missing field",
+            f"missing field {key!r}{mapped}: {fmt} rows need it; the row has {present} "
+            f"(map renamed fields with columns: {{{name}: your_field}})",
+        )
+    return row[key]
+
+
+def _text(value, field: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise RowProblem("wrong type", f"field {field!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowProblem("empty content", f"field {field!r} is empty")
+    return value
+
+
+def parse_alpaca(row: dict, columns: dict[str, str]) -> Conversation:
+    instruction = _text(_field(row, "instruction", columns, "alpaca"), columns.get("instruction", "instruction"))
+    raw_input = _field(row, "input", columns, "alpaca", required=False)
+    inp = _text(raw_input, columns.get("input", "input"), allow_empty=True) if raw_input is not None else ""
+    output = _text(_field(row, "output", columns, "alpaca"), columns.get("output", "output"))
+    system = _field(row, "system", columns, "alpaca", required=False)
+    messages: list[Message] = []
+    history = _field(row, "history", columns, "alpaca", required=False) or []
+    if not isinstance(history, list):
+        raise RowProblem("wrong type", "field 'history' must be a list of [prompt, response] pairs")
+    for n, pair in enumerate(history, start=1):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
+            raise RowProblem("wrong type", f"history item {n} must be a [prompt, response] pair")
+        messages.append(Message("user", _text(pair[0], f"history[{n}][0]")))
+        messages.append(Message("assistant", _text(pair[1], f"history[{n}][1]")))
+    messages.append(Message("user", instruction, input=inp.strip() or None))
+    messages.append(Message("assistant", output))
+    return Conversation(messages, system=_text(system, "system", allow_empty=True) if system is not None else None)
+
+
+def _turns(turns, field: str, role_key: str, content_key: str, system: Optional[str]) -> Conversation:
+    if not isinstance(turns, list):
+        raise RowProblem("wrong type", f"field {field!r} must be a list of messages, got {type(turns).__name__}")
+    if not turns:
+        raise RowProblem("empty content", f"field {field!r} has no messages")
+    messages: list[Message] = []
+    for n, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise RowProblem("wrong type", f"{field}[{n}] must be an object with {role_key!r} and {content_key!r}")
+        if role_key not in turn or content_key not in turn:
+            missing = role_key if role_key not in turn else content_key
+            raise RowProblem("missing field", f"{field}[{n}] has no {missing!r}")
+        role = ROLE_NAMES.get(str(turn[role_key]).lower())
+        if role is None:
+            raise RowProblem(
+                "unknown role",
+                f"{field}[{n}] has role {turn[role_key]!r}; use human/user, gpt/assistant or system",
+            )
+        content = _text(turn[content_key], f"{field}[{n}].{content_key}", allow_empty=(role == "system"))
+        if role == "system":
+            if messages:
+                raise RowProblem("roles out of order", f"{field}[{n}] is a system message after the first turn")
+            system = content
+            continue
+        expected = "user" if len(messages) % 2 == 0 else "assistant"
+        if role != expected:
+            raise RowProblem(
+                "roles out of order",
+                f"{field}[{n}] is from the {role} but the {expected} should speak here (turns alternate user, assistant)",
+            )
+        train = turn.get("train")
+        if train is not None and not isinstance(train, bool):
+            raise RowProblem("wrong type", f"{field}[{n}].train must be true or false")
+        messages.append(Message(role, content, train=train))
+    if not messages:
+        raise RowProblem("empty content", f"field {field!r} has only a system message")
+    if messages[-1].role != "assistant":
+        raise RowProblem("roles out of order", f"the last turn of {field!r} is from the user; nothing to learn from it")
+    return Conversation(messages, system=system)
+
+
+def parse_sharegpt(row: dict, columns: dict[str, str]) -> Conversation:
+    key = columns.get("conversations", "conversations")
+    system = _field(row, "system", columns, "sharegpt", required=False)
+    if system is not None:
+        system = _text(system, columns.get("system", "system"), allow_empty=True)
+    turns = _field(row, "conversations", columns, "sharegpt")
+    role_key = columns.get("from", "from")
+    content_key = columns.get("value", "value")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "role" in turns[0] and role_key not in turns[0]:
+        role_key, content_key = "role", "content"  # OpenAI-style turns in a conversations column
+    return _turns(turns, key, role_key, content_key, system)
+
+
+def parse_messages(row: dict, columns: dict[str, str]) -> Conversation:
+    key = columns.get("messages", "messages")
+    return _turns(_field(row, "messages", columns, "messages"), key, "role", "content", None)
+
+
+PARSERS: dict[str, Callable[[dict, dict[str, str]], Conversation]] = {
+    "alpaca": parse_alpaca,
+    "sharegpt": parse_sharegpt,
+    "messages": parse_messages,
+}
+
+
+def detect_format(row: dict, columns: dict[str, str]) -> Optional[str]:
+    """The format a row looks like, from its keys (after column mapping)."""
+    keys = set(row)
+    if columns.get("conversations", "conversations") in keys:
+        return "sharegpt"
+    if columns.get("messages", "messages") in keys:
+        return "messages"
+    if columns.get("instruction", "instruction") in keys:
+        return "alpaca"
+    if columns.get("text", "text") in keys:
+        return "text"
+    return None

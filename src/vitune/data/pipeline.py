@@ -1,0 +1,188 @@
+"""The data step of a run: files -> rows -> conversations -> token ids and labels.
+
+`prepare_sft_data(config.data, tokenizer, template, seed)` returns the training rows, the
+evaluation rows and a `DataReport` with exact counts (read = kept + rejected, always).
+Bad rows are collected with their file and row; `on_error: raise` stops with the first
+five, `skip` keeps going and the report lists them.
+"""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vitune.config import DataConfig, DatasetSpec
+from vitune.data.formats import PARSERS, RowProblem, detect_format
+from vitune.data.records import Conversation, Rejection
+from vitune.data.sources import read_rows
+from vitune.data.templates import Template
+from vitune.data.tokenize import IGNORE, TokenizedRow, fit_length, tokenize_conversations
+from vitune.errors import DataError
+
+
+@dataclass
+class DataReport:
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_truncated: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    total_tokens: int = 0
+    trained_tokens: int = 0
+
+    @property
+    def rows_rejected(self) -> int:
+        return len(self.rejections)
+
+    @property
+    def rejected_by_reason(self) -> dict[str, int]:
+        return dict(Counter(r.reason for r in self.rejections))
+
+    @property
+    def trained_token_fraction(self) -> float:
+        return self.trained_tokens / self.total_tokens if self.total_tokens else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_rejected": self.rows_rejected,
+            "rejected_by_reason": self.rejected_by_reason,
+            "rows_truncated": self.rows_truncated,
+            "total_tokens": self.total_tokens,
+            "trained_tokens": self.trained_tokens,
+            "trained_token_fraction": round(self.trained_token_fraction, 4),
+        }
+
+
+def normalize_text(text: str, form: str) -> str:
+    return text if form == "none" else unicodedata.normalize(form, text)
+
+
+def _normalize(conv: Conversation, form: str) -> Conversation:
+    if form == "none":
+        return conv
+    for msg in conv.messages:
+        msg.content = normalize_text(msg.content, form)
+        if msg.input:
+            msg.input = normalize_text(msg.input, form)
+    if conv.system is not None:
+        conv.system = normalize_text(conv.system, form)
+    return conv
+
+
+def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) -> list[Conversation]:
+    """One dataset entry -> conversations; unusable rows go to the report."""
+    convs: list[Conversation] = []
+    fmt = None if spec.format == "auto" else spec.format
+    for raw in read_rows(spec.path, spec.split):
+        if spec.max_samples is not None and len(convs) >= spec.max_samples:
+            break
+        report.rows_read += 1
+        if raw.row is None:
+            reason, detail = raw.problem
+            report.rejections.append(Rejection(raw.source, reason, detail))
+            continue
+        row_format = fmt or detect_format(raw.row, spec.columns)
+        if row_format is None:
+            keys = ", ".join(sorted(map(str, raw.row))) or "none"
+            report.rejections.append(Rejection(
+                raw.source, "unknown format",
+                f"cannot tell the format from the fields ({keys}); set format: alpaca | sharegpt | messages, "
+                "or map your fields with columns", raw.row))
+            continue
+        if row_format == "text":
+            raise DataError(f"{raw.source}: a text (pretraining) row in an SFT run; use instruction or conversation data")
+        try:
+            conv = PARSERS[row_format](raw.row, spec.columns)
+        except RowProblem as problem:
+            report.rejections.append(Rejection(raw.source, problem.reason, f"{row_format} row: {problem.detail}", raw.row))
+            continue
+        conv.source = raw.source
+        convs.append(_normalize(conv, data.normalize.unicode))
+    return convs
+
+
+def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) -> list[Conversation]:
+    """weight 2 = every row twice; 0.5 = a random half; 1.5 = all once plus a random half."""
+    whole, frac = divmod(weight, 1.0)
+    out = convs * int(whole)
+    if frac:
+        out += rng.sample(convs, round(len(convs) * frac))
+    return out
+
+
+def _raise_if_needed(report: DataReport, on_error: str) -> None:
+    if report.rejections and on_error == "raise":
+        first = report.rejections[:5]
+        more = f" (and {report.rows_rejected - 5} more)" if report.rows_rejected > 5 else ""
+        raise DataError(
+            f"{report.rows_rejected} bad row(s){more}: "
+            + " | ".join(r.line() for r in first)
+            + " -- fix them, or set data.on_error: skip to train on the rest"
+        )
+
+
+def load_conversations(data: DataConfig, seed: int, report: DataReport) -> tuple[list[Conversation], list[Conversation]]:
+    """All training conversations (mixed, weighted, shuffled by seed) and the evaluation ones."""
+    rng = random.Random(seed)
+    train: list[Conversation] = []
+    for spec in data.train:
+        convs = read_conversations(spec, data, report)
+        train += _apply_weight(convs, spec.weight, rng)
+    evaluation: list[Conversation] = []
+    for spec in data.eval or []:
+        evaluation += read_conversations(spec, data, report)
+    _raise_if_needed(report, data.on_error)
+    if not train:
+        paths = ", ".join(s.path for s in data.train)
+        raise DataError(f"no usable training rows in {paths} ({report.rows_read} read, {report.rows_rejected} rejected)")
+    rng.shuffle(train)
+    if data.val_size:
+        n_val = int(data.val_size) if data.val_size >= 1 else max(1, round(len(train) * data.val_size))
+        if n_val >= len(train):
+            raise DataError(f"data.val_size = {data.val_size} leaves no training rows out of {len(train)}")
+        evaluation, train = train[:n_val], train[n_val:]
+    return train, evaluation
+
+
+def tokenize_split(
+    convs: list[Conversation], tokenizer, template: Template, data: DataConfig, report: Optional[DataReport]
+) -> list[TokenizedRow]:
+    rows = tokenize_conversations(
+        convs, tokenizer, template, train_on_prompt=data.train_on_prompt, mask_history=data.mask_history
+    )
+    kept: list[TokenizedRow] = []
+    for conv, row in zip(convs, rows):
+        fitted = fit_length(row, data.max_length, data.overflow)
+        problem = None
+        if fitted is None:
+            problem = ("too long", f"{len(row.input_ids)} tokens > data.max_length {data.max_length} "
+                       "(raise max_length or set data.overflow: truncate)")
+        elif all(label == IGNORE for label in fitted.labels[1:]):
+            problem = ("nothing to train", "no trained token left (all turns masked, or truncated away)")
+        if problem:
+            if report is not None:
+                report.rejections.append(Rejection(conv.source, problem[0], problem[1]))
+            continue
+        kept.append(fitted)
+        if report is not None:
+            report.rows_truncated += fitted.truncated
+            report.total_tokens += len(fitted.input_ids)
+            report.trained_tokens += sum(label != IGNORE for label in fitted.labels[1:])
+    return kept
+
+
+def prepare_sft_data(data: DataConfig, tokenizer, template: Template, seed: int):
+    """-> (train rows, eval rows, report). Raises DataError for data that cannot be used."""
+    report = DataReport()
+    train_convs, eval_convs = load_conversations(data, seed, report)
+    train = tokenize_split(train_convs, tokenizer, template, data, report)
+    _raise_if_needed(report, data.on_error)
+    evaluation = tokenize_split(eval_convs, tokenizer, template, data, None)
+    if not train:
+        raise DataError(f"every training row was rejected ({report.rejected_by_reason}); see the reasons above")
+    report.rows_kept = report.rows_read - report.rows_rejected
+    return train, evaluation, report

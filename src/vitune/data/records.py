@@ -1,0 +1,39 @@
+"""Canonical records: every data format becomes one of these before tokenisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class Message:
+    role: str  # "user" or "assistant"
+    content: str
+    # Alpaca's optional `input` stays separate so the alpaca template can render its own
+    # "### Input:" block; every other template sees `text` (instruction + blank line + input).
+    input: Optional[str] = None
+    # None = follow the data settings; False = never train this turn; True = always.
+    train: Optional[bool] = None
+
+    @property
+    def text(self) -> str:
+        return f"{self.content}\n\n{self.input}" if self.input else self.content
+
+
+@dataclass
+class Conversation:
+    messages: list[Message]
+    system: Optional[str] = None
+    source: str = ""  # file and line/row, for messages
+
+
+@dataclass
+class Rejection:
+    source: str
+    reason: str  # short, countable: "missing field", "invalid JSON", ...
+    detail: str  # what exactly and what to do
+    row: object = field(default=None, repr=False)
+
+    def line(self) -> str:
+        return f"{self.source}: {self.detail}"

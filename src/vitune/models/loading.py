@@ -1,0 +1,131 @@
+"""Loading a tokenizer and a model (local folder or Hub id, same `from_pretrained` path) and
+adapting the model to the fine-tuning method (full, LoRA, QLoRA)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from vitune.config import MethodConfig, ModelConfig
+from vitune.errors import UserError
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def _check_model_path(name: str, needs: str = "config.json") -> None:
+    path = Path(name).expanduser()
+    if _looks_local(name) and not path.exists():
+        raise UserError(f"model not found: {name} (model.name_or_path must be a local model folder or a Hub id such as Viet-Mistral/Vistral-7B-Chat)")
+    if path.is_dir() and not (path / needs).is_file():
+        raise UserError(f"{name} is a folder but holds no {needs}; point model.name_or_path at a Hugging Face model folder")
+
+
+def _load_error(name: str, what: str, exc: Exception) -> UserError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"cannot load the {what} of {name!r}: {first}")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    _check_model_path(name_or_path, needs="tokenizer_config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(name_or_path, "tokenizer", exc) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{name_or_path}: vitune needs a fast (Rust) tokenizer to map tokens to characters; install `tokenizers` and `sentencepiece`")
+    if tokenizer.pad_token is None:
+        # Padding positions never carry labels, so any id will do; EOS is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def resolve_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def resolve_attention(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_model(model_cfg: ModelConfig, method: MethodConfig):
+    """The base model, in the dtype and attention the config asks for, quantised for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    name = model_cfg.name_or_path
+    _check_model_path(name)
+    dtype = resolve_dtype(model_cfg.dtype)
+    kwargs = dict(
+        dtype=dtype,
+        attn_implementation=resolve_attention(model_cfg.attn_implementation),
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if method.type == "qlora":
+        kwargs["quantization_config"] = quantization_config(method, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except ValueError as exc:
+        if "attn_implementation" in kwargs and "does not support" in str(exc) and model_cfg.attn_implementation == "auto":
+            kwargs["attn_implementation"] = "eager"  # architecture without SDPA support
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        else:
+            raise _load_error(name, "model", exc) from None
+    except OSError as exc:
+        raise _load_error(name, "model", exc) from None
+    return model
+
+
+def quantization_config(method: MethodConfig, dtype):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("method.type: qlora needs bitsandbytes; install it with: pip install bitsandbytes")
+    q = method.quantization
+    compute = dtype if q.compute_dtype == "auto" else getattr(torch, q.compute_dtype)
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def adapt_model(model, method: MethodConfig, gradient_checkpointing: bool):
+    """full: train every weight; lora/qlora: wrap in a PEFT LoRA adapter."""
+    if method.type == "full":
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if method.type == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    lora = method.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"method.lora: {str(exc).splitlines()[0]}") from None

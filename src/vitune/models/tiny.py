@@ -1,0 +1,147 @@
+"""Tiny random models of real architectures, for demos and tests.
+
+`init_tiny_model(arch, out_dir)` writes an ordinary Hugging Face model folder: a randomly
+initialised model of a few million parameters of the real architecture (Llama, Mistral,
+Qwen2, BLOOM) and a byte-level BPE tokenizer trained on the bundled Vietnamese data, with
+the special tokens and chat template of that family. Everything else in vitune loads it
+through `from_pretrained`, exactly as it loads a downloaded model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitune.errors import UserError
+
+DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+
+# Every tiny tokenizer knows the special tokens of all built-in templates, so any template
+# can be tried with any tiny model; each family picks its own BOS/EOS/PAD among them.
+SPECIAL_TOKENS = [
+    "<unk>", "<s>", "</s>", "<pad>",
+    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+]
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    arch: str
+    template: str
+    bos: str | None
+    eos: str
+    pad: str
+
+
+TINY_FAMILIES = {
+    "llama": TinyFamily("llama", "llama3", "<|begin_of_text|>", "<|eot_id|>", "<pad>"),
+    "mistral": TinyFamily("mistral", "mistral", "<s>", "</s>", "<pad>"),
+    "qwen2": TinyFamily("qwen2", "chatml", None, "<|im_end|>", "<|endoftext|>"),
+    "bloom": TinyFamily("bloom", "vietcuna", "<s>", "</s>", "<pad>"),
+}
+
+
+def bundled_texts(data_dir: Path | None = None) -> list[str]:
+    """Every string in the bundled JSONL datasets: the tiny tokenizer's training corpus."""
+    data_dir = data_dir or DATA_DIR
+    texts: list[str] = []
+
+    def walk(value):
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                walk(v)
+
+    for file in sorted(data_dir.glob("*.jsonl")):
+        for line in file.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                walk(json.loads(line))
+    if not texts:
+        raise UserError(f"no bundled data found in {data_dir} to train the tiny tokenizer")
+    return texts
+
+
+def train_tiny_tokenizer(family: TinyFamily, vocab_size: int = 4096):
+    """A byte-level BPE tokenizer (like Llama 3's and Qwen2's) trained on the bundled data."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from vitune.data.templates import get_template
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(bundled_texts(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=family.bos,
+        eos_token=family.eos,
+        pad_token=family.pad,
+        unk_token="<unk>",
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in {family.bos, family.eos, family.pad, "<unk>"}],
+        model_max_length=2048,
+    )
+    tokenizer.chat_template = get_template(family.template).jinja()
+    return tokenizer
+
+
+def tiny_config(arch: str, tokenizer):
+    from transformers import BloomConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    ids = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if arch == "bloom":
+        return BloomConfig(hidden_size=256, n_layer=4, n_head=4, **ids)
+    shape = dict(
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        **ids,
+    )
+    if arch == "llama":
+        return LlamaConfig(rope_theta=500000.0, **shape)
+    if arch == "mistral":
+        return MistralConfig(sliding_window=None, **shape)
+    return Qwen2Config(**shape)
+
+
+def init_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random model of `arch` with its tokenizer to `out_dir`; returns the folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if arch not in TINY_FAMILIES:
+        raise UserError(f"--arch {arch!r} is not supported; choose one of {', '.join(TINY_FAMILIES)}")
+    family = TINY_FAMILIES[arch]
+    out = Path(out_dir)
+    tokenizer = train_tiny_tokenizer(family)
+    config = tiny_config(arch, tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    return out
