@@ -192,26 +192,26 @@ def apply_override(raw: dict, item: str) -> None:
         except ValueError:
             pass
     parts = key.strip().split(".")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if isinstance(child, list) and parts[depth + 1].isdigit():
-            # data.train.0.path=... addresses a list item
-            index = int(parts[depth + 1])
-            if index >= len(child):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} has {len(child)} item(s)")
-            if depth + 2 == len(parts):
-                child[index] = value
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is a list of {len(node)} item(s); address one as {'.'.join(parts[:depth])}.0")
+            if last:
+                node[int(part)] = value
                 return
-            node = child[index]
-            parts = parts[: depth + 1] + parts[depth + 2 :]
-            continue
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+                return
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        else:
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth])} is a value, not a section")
 
 
 def validate_config(raw: dict, source: str = "config") -> RunConfig:
@@ -223,8 +223,8 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
 
 def _first_problem(exc: ValidationError, source: str) -> str:
     err = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc)
+    loc = err["loc"]
+    key = _key_path(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
         hint = _nearest_key(err["loc"])
@@ -236,11 +236,20 @@ def _first_problem(exc: ValidationError, source: str) -> str:
     if kind == "literal_error":
         allowed = err.get("ctx", {}).get("expected", "")
         return f"{source}: {key} = {value!r} is not allowed; expected {allowed}"
-    if kind == "value_error" and not loc:
-        return f"{source}: {err['msg'].removeprefix('Value error, ')}"
     msg = err["msg"].removeprefix("Value error, ")
+    if kind == "value_error" and err.get("ctx", {}).get("error") is not None and isinstance(value, dict):
+        # a rule across the fields of a section
+        return f"{source}: {key + ': ' if key else ''}{msg}"
     where = f"{key} = {value!r}" if key else "config"
     return f"{source}: {where}: {msg[0].lower() + msg[1:]}"
+
+
+def _key_path(loc: tuple) -> str:
+    """('data', 'train', 0, 'path') -> 'data.train[0].path'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
@@ -273,16 +282,13 @@ def _keys_at(loc: tuple) -> list[str]:
 
 def _nearest_key(loc: tuple) -> str | None:
     parent, bad = loc[:-1], str(loc[-1])
-    keys = _keys_at(parent)
-    match = difflib.get_close_matches(bad, keys, n=1, cutoff=0.5)
-    if match:
-        return ".".join(str(p) for p in (*parent, match[0]))
-    # a key put in the wrong section: search every section
+    # a valid key put in the wrong section
     for section in RunConfig.model_fields:
         model = _model_at((section,))
-        if model and bad in model.model_fields:
+        if model and bad in model.model_fields and (section,) != tuple(parent):
             return f"{section}.{bad}"
-    return None
+    match = difflib.get_close_matches(bad, _keys_at(parent), n=1, cutoff=0.5)
+    return _key_path((*parent, match[0])) if match else None
 
 
 def dump_config(config: RunConfig) -> str:

@@ -114,12 +114,17 @@ def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) 
     return out
 
 
+# Rows dropped because the user chose `overflow: drop` are counted, not errors.
+CHOSEN_DROPS = {"too long"}
+
+
 def _raise_if_needed(report: DataReport, on_error: str) -> None:
-    if report.rejections and on_error == "raise":
-        first = report.rejections[:5]
-        more = f" (and {report.rows_rejected - 5} more)" if report.rows_rejected > 5 else ""
+    bad = [r for r in report.rejections if r.reason not in CHOSEN_DROPS]
+    if bad and on_error == "raise":
+        first = bad[:5]
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
         raise DataError(
-            f"{report.rows_rejected} bad row(s){more}: "
+            f"{len(bad)} bad row(s){more}: "
             + " | ".join(r.line() for r in first)
             + " -- fix them, or set data.on_error: skip to train on the rest"
         )

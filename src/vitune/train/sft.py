@@ -35,6 +35,7 @@ class TrainResult:
     output_dir: Path
     summary: dict
     report: DataReport
+    model: object = None  # the trained model in memory (adapter attached for LoRA)
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
@@ -161,7 +162,7 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
         "template": template.name,
     }
     (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return TrainResult(out, summary, report)
+    return TrainResult(out, summary, report, trainer.model)
 
 
 def _peak_memory():

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny models of real architectures, built once per test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from vitune.cli import quiet_libraries
+
+quiet_libraries()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    from vitune.models.tiny import TINY_FAMILIES, init_tiny_model
+
+    base = tmp_path_factory.mktemp("tiny")
+    return {arch: init_tiny_model(arch, base / arch) for arch in TINY_FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return path
+
+
+def write_config(path: Path, **sections) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
+    return path
