@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 from vitune.cli import quiet_libraries
 
 quiet_libraries()
+# Prepared-data cache of this test session only, so runs never see each other's entries.
+os.environ["VITUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitune-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 
 

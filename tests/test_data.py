@@ -179,3 +179,37 @@ def test_text_is_nfc_normalised(tmp_path, tokenizer):
     train, _, _ = prepare_sft_data(data_config(path), tokenizer, get_template("chatml"), 1)
     assert "Hà Nội" in tokenizer.decode(train[0].input_ids)
     assert nfd not in tokenizer.decode(train[0].input_ids)
+
+
+def test_prepared_data_is_cached_by_content(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    cfg = data_config(path, cache_dir=str(tmp_path / "cache"))
+    template = get_template("chatml")
+    first, _, report1 = prepare_sft_data(cfg, tokenizer, template, 1)
+    assert not report1.from_cache and report1.cached_at.parent == tmp_path / "cache"
+    second, _, report2 = prepare_sft_data(cfg, tokenizer, template, 1)
+    assert report2.from_cache and report2.cached_at == report1.cached_at
+    assert [r.input_ids for r in second] == [r.input_ids for r in first]
+    assert [r.labels for r in second] == [r.labels for r in first]
+    assert report2.summary() == report1.summary()
+
+    # same name and size, other content: a new entry
+    write_jsonl(path, [{**ALPACA[0], "output": "Hà Nộ."}, ALPACA[1]])
+    _, _, report3 = prepare_sft_data(cfg, tokenizer, template, 1)
+    assert not report3.from_cache and report3.cached_at != report1.cached_at
+    # another template, or another setting: a new entry
+    _, _, report4 = prepare_sft_data(cfg, tokenizer, get_template("llama3"), 1)
+    assert not report4.from_cache
+    _, _, report5 = prepare_sft_data(data_config(path, cache_dir=str(tmp_path / "cache"), max_length=100), tokenizer, template, 1)
+    assert not report5.from_cache
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name) == []
+
+
+def test_skipped_rows_survive_the_cache(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", [ALPACA[0], {"instruction": "x"}])
+    cfg = data_config(path, on_error="skip", cache_dir=str(tmp_path / "cache"))
+    _, _, first = prepare_sft_data(cfg, tokenizer, get_template("chatml"), 1)
+    _, _, second = prepare_sft_data(cfg, tokenizer, get_template("chatml"), 1)
+    assert second.from_cache
+    assert second.rejected_by_reason == first.rejected_by_reason == {"missing field": 1}
+    assert second.rejections[0].source == f"{path}:2"

@@ -103,6 +103,8 @@ class DataConfig(Section):
     normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
     on_error: Literal["raise", "skip"] = "raise"
     num_proc: Optional[int] = Field(None, gt=0)
+    cache: bool = Field(True, description="Reuse prepared data when files, tokenizer, template and settings are unchanged.")
+    cache_dir: Optional[str] = Field(None, description="Where prepared data is cached (default ~/.cache/vitune, or $VITUNE_CACHE_DIR).")
 
     @model_validator(mode="after")
     def _eval_sources_exclusive(self) -> "DataConfig":

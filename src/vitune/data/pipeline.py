@@ -8,13 +8,16 @@ five, `skip` keeps going and the report lists them.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from vitune.config import DataConfig, DatasetSpec
+from vitune.data import cache
 from vitune.data.formats import PARSERS, RowProblem, detect_format
 from vitune.data.records import Conversation, Rejection
 from vitune.data.sources import read_rows
@@ -31,6 +34,12 @@ class DataReport:
     rejections: list[Rejection] = field(default_factory=list)
     total_tokens: int = 0
     trained_tokens: int = 0
+    cached_at: Optional[Path] = field(default=None, compare=False)  # the cache entry used or written
+    from_cache: bool = field(default=False, compare=False)
+
+    def fields(self) -> dict:
+        """The counted fields, for the cache."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("cached_at", "from_cache")}
 
     @property
     def rows_rejected(self) -> int:
@@ -181,7 +190,24 @@ def tokenize_split(
 
 
 def prepare_sft_data(data: DataConfig, tokenizer, template: Template, seed: int):
-    """-> (train rows, eval rows, report). Raises DataError for data that cannot be used."""
+    """-> (train rows, eval rows, report). Raises DataError for data that cannot be used.
+
+    With data.cache (the default) prepared rows are reused when nothing they depend on changed.
+    """
+    entry = cache.entry_for(cache.cache_key(data, tokenizer, template, seed), data.cache_dir) if data.cache else None
+    if entry is not None:
+        hit = cache.load(entry)
+        if hit is not None:
+            train, evaluation, fields = hit
+            return train, evaluation, DataReport(**fields, cached_at=entry, from_cache=True)
+    train, evaluation, report = _prepare(data, tokenizer, template, seed)
+    if entry is not None:
+        cache.save(entry, train, evaluation, report.fields())
+        report.cached_at = entry
+    return train, evaluation, report
+
+
+def _prepare(data: DataConfig, tokenizer, template: Template, seed: int):
     report = DataReport()
     train_convs, eval_convs = load_conversations(data, seed, report)
     train = tokenize_split(train_convs, tokenizer, template, data, report)

@@ -101,6 +101,8 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     template = resolve_template(config.model.template, tokenizer)
     train_rows, eval_rows, report = prepare_sft_data(config.data, tokenizer, template, config.train.seed)
+    if report.from_cache:
+        console.print(f"data: reusing prepared data from the cache ({report.cached_at})")
     console.print(
         f"data: {report.rows_read} rows read, {report.rows_kept} kept, {report.rows_rejected} rejected"
         + (f" {report.rejected_by_reason}" if report.rows_rejected else "")
