@@ -127,7 +127,7 @@ def _apply_weight(convs: list[Conversation], weight: float, rng: random.Random) 
 CHOSEN_DROPS = {"too long"}
 
 
-def _raise_if_needed(report: DataReport, on_error: str) -> None:
+def raise_for_bad_rows(report: DataReport, on_error: str) -> None:
     bad = [r for r in report.rejections if r.reason not in CHOSEN_DROPS]
     if bad and on_error == "raise":
         first = bad[:5]
@@ -149,7 +149,7 @@ def load_conversations(data: DataConfig, seed: int, report: DataReport) -> tuple
     evaluation: list[Conversation] = []
     for spec in data.eval or []:
         evaluation += read_conversations(spec, data, report)
-    _raise_if_needed(report, data.on_error)
+    raise_for_bad_rows(report, data.on_error)
     if not train:
         paths = ", ".join(s.path for s in data.train)
         raise DataError(f"no usable training rows in {paths} ({report.rows_read} read, {report.rows_rejected} rejected)")
@@ -211,7 +211,7 @@ def _prepare(data: DataConfig, tokenizer, template: Template, seed: int):
     report = DataReport()
     train_convs, eval_convs = load_conversations(data, seed, report)
     train = tokenize_split(train_convs, tokenizer, template, data, report)
-    _raise_if_needed(report, data.on_error)
+    raise_for_bad_rows(report, data.on_error)
     evaluation = tokenize_split(eval_convs, tokenizer, template, data, None)
     if not train:
         raise DataError(f"every training row was rejected ({report.rejected_by_reason}); see the reasons above")
