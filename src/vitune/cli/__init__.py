@@ -38,7 +38,6 @@ def quiet_libraries() -> None:
     import os
     import warnings
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # bitsandbytes warns on import that an optional Hub-fetched CPU kernel is missing
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
