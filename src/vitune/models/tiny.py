@@ -110,7 +110,7 @@ def tiny_config(arch: str, tokenizer):
         return BloomConfig(hidden_size=256, n_layer=4, n_head=4, **ids)
     shape = dict(
         hidden_size=256,
-        intermediate_size=688,
+        intermediate_size=704,  # a multiple of 32, as bitsandbytes' packed CPU 4-bit kernels need
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
