@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from vitune.config import DataConfig, DatasetSpec
+from vitune.config import DataConfig, DatasetSpec, NormalizeSettings
 from vitune.data import cache
 from vitune.data.formats import PARSERS, RowProblem, detect_format
+from vitune.data.normalize import normalize_with_change
 from vitune.data.records import Conversation, Rejection
 from vitune.data.sources import read_rows
 from vitune.data.templates import Template
@@ -31,6 +31,7 @@ class DataReport:
     rows_read: int = 0
     rows_kept: int = 0
     rows_truncated: int = 0
+    rows_normalized: int = 0  # rows whose text normalisation (Unicode form or tone marks) changed
     rejections: list[Rejection] = field(default_factory=list)
     total_tokens: int = 0
     trained_tokens: int = 0
@@ -60,26 +61,32 @@ class DataReport:
             "rows_rejected": self.rows_rejected,
             "rejected_by_reason": self.rejected_by_reason,
             "rows_truncated": self.rows_truncated,
+            "rows_normalized": self.rows_normalized,
             "total_tokens": self.total_tokens,
             "trained_tokens": self.trained_tokens,
             "trained_token_fraction": round(self.trained_token_fraction, 4),
         }
 
 
-def normalize_text(text: str, form: str) -> str:
-    return text if form == "none" else unicodedata.normalize(form, text)
+def _normalize(conv: Conversation, settings: NormalizeSettings) -> bool:
+    """Normalise every text of `conv` in place; True if any of them changed."""
+    if settings.unicode == "none" and settings.vi_tone == "keep":
+        return False
+    changed = False
 
+    def norm(text: str) -> str:
+        nonlocal changed
+        out, diff = normalize_with_change(text, settings.unicode, settings.vi_tone)
+        changed |= diff
+        return out
 
-def _normalize(conv: Conversation, form: str) -> Conversation:
-    if form == "none":
-        return conv
     for msg in conv.messages:
-        msg.content = normalize_text(msg.content, form)
+        msg.content = norm(msg.content)
         if msg.input:
-            msg.input = normalize_text(msg.input, form)
+            msg.input = norm(msg.input)
     if conv.system is not None:
-        conv.system = normalize_text(conv.system, form)
-    return conv
+        conv.system = norm(conv.system)
+    return changed
 
 
 def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) -> list[Conversation]:
@@ -110,7 +117,8 @@ def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) 
             report.rejections.append(Rejection(raw.source, problem.reason, f"{row_format} row: {problem.detail}", raw.row))
             continue
         conv.source = raw.source
-        convs.append(_normalize(conv, data.normalize.unicode))
+        report.rows_normalized += _normalize(conv, data.normalize)
+        convs.append(conv)
     return convs
 
 
