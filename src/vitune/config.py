@@ -69,7 +69,7 @@ class MethodConfig(Section):
 
 # ---------------------------------------------------------------- data
 
-DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
 
 
 class DatasetSpec(Section):

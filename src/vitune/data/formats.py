@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from vitune.data.records import Conversation, Message
+from vitune.data.records import Conversation, Message, Preference, Text
 
 ROLE_NAMES = {
     "human": "user",
@@ -129,16 +129,66 @@ def parse_messages(row: dict, columns: dict[str, str]) -> Conversation:
     return _turns(_field(row, "messages", columns, "messages"), key, "role", "content", None)
 
 
+def parse_text(row: dict, columns: dict[str, str]) -> Text:
+    key = columns.get("text", "text")
+    return Text(_text(_field(row, "text", columns, "text"), key))
+
+
+def _answer(value, field: str, role_key: str = "role", content_key: str = "content") -> Message:
+    """A chosen/rejected answer: a string, one message, or a list ending with the assistant's message."""
+    if isinstance(value, list):
+        if not value:
+            raise RowProblem("empty content", f"field {field!r} has no messages")
+        value = value[-1]
+    if isinstance(value, dict):
+        role_key = role_key if role_key in value else "from"
+        content_key = content_key if content_key in value else "value"
+        role = ROLE_NAMES.get(str(value.get(role_key, "assistant")).lower())
+        if role != "assistant":
+            raise RowProblem("roles out of order", f"field {field!r} must be the assistant's answer, got role {value.get(role_key)!r}")
+        value = value.get(content_key)
+    return Message("assistant", _text(value, field))
+
+
+def parse_preference(row: dict, columns: dict[str, str]) -> Preference:
+    """Alpaca style (instruction, input, chosen, rejected), ShareGPT style (conversations +
+    chosen/rejected messages) or prompt/chosen/rejected (prompt a string or a message list)."""
+    chosen_key, rejected_key = columns.get("chosen", "chosen"), columns.get("rejected", "rejected")
+    chosen = _answer(_field(row, "chosen", columns, "preference"), chosen_key)
+    rejected = _answer(_field(row, "rejected", columns, "preference"), rejected_key)
+    system = _field(row, "system", columns, "preference", required=False)
+    if columns.get("conversations", "conversations") in row:
+        conv = _turns(_field(row, "conversations", columns, "preference") + [{"from": "gpt", "value": chosen.content}],
+                      columns.get("conversations", "conversations"), "from", "value", system)
+        prompt, system = conv.messages[:-1], conv.system
+    elif columns.get("instruction", "instruction") in row:
+        instruction = _text(_field(row, "instruction", columns, "preference"), columns.get("instruction", "instruction"))
+        extra = _field(row, "input", columns, "preference", required=False) or ""
+        prompt = [Message("user", instruction, input=_text(extra, "input", allow_empty=True).strip() or None)]
+    else:
+        raw = _field(row, "prompt", columns, "preference")
+        if isinstance(raw, list):
+            conv = _turns(raw + [{"role": "assistant", "content": chosen.content}], columns.get("prompt", "prompt"),
+                          "role", "content", system)
+            prompt, system = conv.messages[:-1], conv.system
+        else:
+            prompt = [Message("user", _text(raw, columns.get("prompt", "prompt")))]
+    return Preference(prompt, chosen, rejected, system=system)
+
+
 PARSERS: dict[str, Callable[[dict, dict[str, str]], Conversation]] = {
     "alpaca": parse_alpaca,
     "sharegpt": parse_sharegpt,
     "messages": parse_messages,
 }
+OTHER_PARSERS = {"text": parse_text, "preference": parse_preference}
 
 
 def detect_format(row: dict, columns: dict[str, str]) -> Optional[str]:
     """The format a row looks like, from its keys (after column mapping)."""
     keys = set(row)
+    if columns.get("chosen", "chosen") in keys and columns.get("rejected", "rejected") in keys:
+        return "preference"
     if columns.get("conversations", "conversations") in keys:
         return "sharegpt"
     if columns.get("messages", "messages") in keys:

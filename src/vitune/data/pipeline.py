@@ -109,8 +109,12 @@ def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) 
                 f"cannot tell the format from the fields ({keys}); set format: alpaca | sharegpt | messages, "
                 "or map your fields with columns", raw.row))
             continue
-        if row_format == "text":
-            raise DataError(f"{raw.source}: a text (pretraining) row in an SFT run; use instruction or conversation data")
+        if row_format in ("text", "preference"):
+            kind = "raw text (pretraining)" if row_format == "text" else "preference (chosen/rejected)"
+            raise DataError(
+                f"{raw.source}: {kind} rows cannot train stage sft; give instruction or conversation data "
+                f"(alpaca, sharegpt, messages), or set format: explicitly if detection chose {row_format}"
+            )
         try:
             conv = PARSERS[row_format](raw.row, spec.columns)
         except RowProblem as problem:

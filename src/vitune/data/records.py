@@ -29,6 +29,25 @@ class Conversation:
 
 
 @dataclass
+class Text:
+    """Raw text for continued pretraining."""
+
+    text: str
+    source: str = ""
+
+
+@dataclass
+class Preference:
+    """A prompt with a preferred and a rejected answer (reward modelling, DPO)."""
+
+    prompt_messages: list[Message]
+    chosen: Message
+    rejected: Message
+    system: Optional[str] = None
+    source: str = ""
+
+
+@dataclass
 class Rejection:
     source: str
     reason: str  # short, countable: "missing field", "invalid JSON", ...
