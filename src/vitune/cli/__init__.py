@@ -27,6 +27,7 @@ app = typer.Typer(
 err_console = Console(stderr=True)
 
 from vitune.cli import chat as _chat  # noqa: E402,F401  (registers commands)
+from vitune.cli import estimate as _estimate  # noqa: E402,F401
 from vitune.cli import init_model as _init_model  # noqa: E402,F401
 from vitune.cli import train as _train  # noqa: E402,F401
 
