@@ -123,7 +123,9 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(4, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd"] = "adamw_torch"
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
+    ] = Field("adamw_torch", description="8-bit and paged optimizers (bitsandbytes) cut optimizer memory.")
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

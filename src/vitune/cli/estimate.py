@@ -1,0 +1,73 @@
+"""`vitune estimate CONFIG`: peak GPU memory and tokens/s of a run, from the model's config.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vitune.cli import app
+from vitune.config import load_config
+
+PARTS = [
+    ("base_weights", "base weights"),
+    ("lora_params", "LoRA adapter"),
+    ("gradients", "gradients"),
+    ("optimizer_states", "optimizer states"),
+    ("activations", "activations"),
+    ("logits_loss", "logits + loss"),
+    ("cuda_overhead", "CUDA context + allocator"),
+]
+
+
+@app.command(
+    help=(
+        "Predict the peak GPU memory and tokens/s of the run CONFIG describes, from the model's "
+        "config.json alone (no weights are downloaded).\n\n"
+        "Example: vitune estimate examples/quickstart.yaml --set model.name_or_path=meta-llama/Meta-Llama-3-8B "
+        "--set method.type=qlora --device T4"
+    )
+)
+def estimate(
+    config: Path = typer.Argument(..., help="Run config, e.g. examples/quickstart.yaml", show_default=False),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a key: --set data.max_length=4096 (repeatable)", show_default=False
+    ),
+    device: str = typer.Option("H100", help="H100 | H200 | A100 | RTX4090 | L4 | T4 | CPU"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table"),
+) -> None:
+    from vitune.models.estimate import estimate as predict
+    from vitune.models.architecture import load_model_config
+    from vitune.models.estimate import get_device
+
+    cfg = load_config(config, set_ or [])
+    get_device(device)  # an unknown device is reported before any download
+    result = predict(cfg, load_model_config(cfg.model.name_or_path, cfg.model.trust_remote_code), device)
+    if as_json:
+        typer.echo(json.dumps(result.to_dict()))
+        return
+
+    tokens = cfg.data.max_length * cfg.train.micro_batch_size
+    table = Table(
+        title=f"{cfg.model.name_or_path} · {cfg.method.type} · {tokens:,} tokens per micro-batch · {result.device}",
+        show_header=True,
+    )
+    table.add_column("part")
+    table.add_column("GiB", justify="right")
+    for key, label in PARTS:
+        table.add_row(label, f"{getattr(result, key):.2f}")
+    table.add_row("[bold]peak[/] (parts not alive at once are not added)", f"[bold]{result.total:.2f}")
+    table.add_row("[dim]of which torch allocates (peak_memory_gib)", f"[dim]{result.peak_allocated:.2f}")
+    console = Console(highlight=False)
+    console.print(table)
+    console.print(
+        f"trainable {result.trainable_params:,} of {result.total_params:,} parameters; "
+        f"{result.flops_per_token / 1e9:.1f} GFLOP per token; "
+        f"predicted [bold]{result.predicted_tokens_per_s:,.0f} tokens/s[/]"
+    )
+    for note in result.notes:
+        console.print(f"[dim]- {note}[/]")

@@ -1,0 +1,202 @@
+"""`vitune estimate`: exact parameter counts from config.json shapes, memory parts that match
+what PyTorch, PEFT and bitsandbytes really allocate, and the command's JSON and errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vitune.cli import main
+from vitune.config import validate_config
+from vitune.errors import UserError
+from vitune.models.architecture import read_architecture
+from vitune.models.estimate import GIB, estimate, nf4_bytes, optimizer_bytes
+
+from conftest import write_config
+
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
+MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+
+
+def run(method: str = "lora", max_length: int = 2048, **train):
+    return validate_config({
+        "model": {"name_or_path": "m"},
+        "method": {"type": method},
+        "data": {"train": [{"path": "x.jsonl"}], "max_length": max_length},
+        "train": {"micro_batch_size": 1, "gradient_checkpointing": True, **train},
+    })
+
+
+@pytest.mark.parametrize(
+    "shapes, params",
+    [(LLAMA3_8B, 8_030_261_248), (LLAMA2_7B, 6_738_415_616), (MISTRAL_7B, 7_241_732_096), (QWEN25_7B, 7_615_616_512)],
+    ids=["llama-3-8b", "llama-2-7b", "mistral-7b-v0.1", "qwen2.5-7b"],
+)
+def test_parameter_counts_of_real_models(shapes, params):
+    assert read_architecture(shapes).total_params == params
+    assert estimate(run("full"), shapes).total_params == params
+
+
+def test_lora_r16_all_linear_on_llama3_8b():
+    e = estimate(run("lora"), LLAMA3_8B)
+    assert e.trainable_params == 41_943_040
+    # PEFT keeps adapters in fp32 on a bf16 base: 4 bytes each, gradients too, AdamW 2 x 4 bytes
+    assert e.lora_params * GIB == e.gradients * GIB == 4 * 41_943_040
+    assert e.optimizer_states * GIB == 8 * 41_943_040
+    assert e.base_weights * GIB == 2 * 8_030_261_248
+
+
+def test_lora_target_list_and_unknown_name():
+    cfg = validate_config({"model": {"name_or_path": "m"}, "method": {"type": "lora", "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}},
+                           "data": {"train": [{"path": "x"}]}})
+    assert estimate(cfg, LLAMA3_8B).trainable_params == 32 * 8 * ((4096 + 4096) + (4096 + 1024))
+    cfg = validate_config({"model": {"name_or_path": "m"}, "method": {"lora": {"target_modules": ["qkv"]}},
+                           "data": {"train": [{"path": "x"}]}})
+    with pytest.raises(UserError, match=r"^method.lora.target_modules: qkv is not a linear layer of llama; its linear layers are q_proj, k_proj"):
+        estimate(cfg, LLAMA3_8B)
+
+
+def tiny_configs():
+    from transformers import BloomConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    shape = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=300)
+    return {
+        "llama": LlamaConfig(tie_word_embeddings=False, **shape),
+        "llama-tied": LlamaConfig(tie_word_embeddings=True, **shape),
+        "mistral": MistralConfig(tie_word_embeddings=False, **shape),
+        "qwen2": Qwen2Config(tie_word_embeddings=False, **shape),
+        "bloom": BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=300),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "bloom"])
+def test_counts_equal_a_real_model_and_its_peft_adapter(name):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_configs()[name]
+    model = AutoModelForCausalLM.from_config(config)
+    e_full = estimate(run("full"), config)
+    assert e_full.total_params == sum(p.numel() for p in model.parameters())
+
+    peft_model = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    adapters = [p for p in peft_model.parameters() if p.requires_grad]
+    assert estimate(run("lora"), config).trainable_params == sum(p.numel() for p in adapters)
+
+
+def test_peft_keeps_adapters_in_fp32_on_a_bf16_base():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_configs()["llama"], dtype=torch.bfloat16)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_equal_bitsandbytes_storage(double_quant):
+    bnb = pytest.importorskip("bitsandbytes")
+
+    weight = torch.randn(256, 1024, dtype=torch.bfloat16)
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    tensors = [packed, state.absmax, state.code]
+    if state.nested:
+        tensors += [state.state2.absmax, state.state2.code, state.offset]
+    assert nf4_bytes(weight.numel(), double_quant) == sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_8bit_adam_state_bytes_equal_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+
+    shapes = [(16, 4096), (100,)]  # an 8-bit state, and one under min_8bit_size that stays fp32
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = bnb.optim.AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    stored = {}
+    for state in opt.state.values():
+        for key, t in state.items():
+            if torch.is_tensor(t) and key not in ("qmap1", "qmap2") and t.dim() > 0:  # the qmaps are shared
+                stored[t.data_ptr()] = t.numel() * t.element_size()
+    assert optimizer_bytes("adamw_bnb_8bit", shapes, 4) == sum(stored.values())
+
+
+def test_qlora_quantises_decoder_linears_and_upcasts_the_rest():
+    e = estimate(run("qlora", optimizer="paged_adamw_8bit"), LLAMA3_8B)
+    arch = read_architecture(LLAMA3_8B)
+    per_layer = sum(nf4_bytes(lin.in_features * lin.out_features, True) for lin in arch.linears)
+    not_quantised = 2 * 128256 * 4096 + (2 * 32 + 1) * 4096  # embeddings, lm_head, norms
+    assert e.base_weights * GIB == pytest.approx(32 * per_layer + 4 * not_quantised, abs=1)
+    assert any("paged optimizer states" in n for n in e.notes)
+
+
+def test_checkpointing_and_context_length_move_memory_the_right_way():
+    short, long = estimate(run("lora", 2048), LLAMA3_8B), estimate(run("lora", 4096), LLAMA3_8B)
+    assert long.logits_loss == 2 * short.logits_loss == 12 * 128256 * 4096 / GIB
+    no_ckpt = estimate(run("lora", 2048, gradient_checkpointing=False), LLAMA3_8B)
+    assert no_ckpt.activations > 10 * short.activations
+    assert short.predicted_tokens_per_s > 0 and short.flops_per_token > 4 * 7.5e9
+
+
+def test_unknown_device_and_architecture_are_user_errors():
+    with pytest.raises(UserError, match=r"^--device 'V100' is not known; choose one of H100, H200"):
+        estimate(run(), LLAMA3_8B, "V100")
+    with pytest.raises(UserError, match=r"model_type 'gpt2'"):
+        estimate(run(), {"model_type": "gpt2"})
+
+
+# ---------------------------------------------------------------- the command
+
+
+def model_folder(tmp_path, shapes) -> str:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(shapes), encoding="utf-8")
+    return str(folder)
+
+
+def test_cli_json_on_a_folder_holding_only_config_json(tmp_path, capsys):
+    path = write_config(tmp_path / "run.yaml", model={"name_or_path": model_folder(tmp_path, LLAMA3_8B)},
+                        data={"train": [{"path": "x.jsonl"}], "max_length": 4096},
+                        train={"micro_batch_size": 1, "gradient_checkpointing": True})
+    assert main(["estimate", str(path), "--json", "--device", "h100", "--set", "method.lora.r=16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trainable_params"] == 41_943_040 and out["total_params"] == 8_030_261_248
+    assert out["device"] == "H100 SXM"
+    parts = ["base_weights", "lora_params", "gradients", "optimizer_states", "activations", "logits_loss", "cuda_overhead"]
+    assert all(isinstance(out[k], float) for k in parts + ["total", "predicted_tokens_per_s"])
+    assert out["total"] == out["peak_allocated"] + out["cuda_overhead"]
+
+
+def test_cli_table(tmp_path, capsys):
+    path = write_config(tmp_path / "run.yaml", model={"name_or_path": model_folder(tmp_path, MISTRAL_7B)},
+                        data={"train": [{"path": "x.jsonl"}]})
+    assert main(["estimate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "optimizer states" in out and "tokens/s" in out and "7,241,732,096" in out
+
+
+def test_cli_missing_model_is_a_one_line_error(tmp_path, capsys):
+    path = write_config(tmp_path / "run.yaml", model={"name_or_path": str(tmp_path / "nope")},
+                        data={"train": [{"path": "x.jsonl"}]})
+    assert main(["estimate", str(path), "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: model not found: {tmp_path / 'nope'} ") and "\n" not in err
+
+
+def test_cli_folder_without_config_json(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    path = write_config(tmp_path / "run.yaml", model={"name_or_path": str(tmp_path / "empty")},
+                        data={"train": [{"path": "x.jsonl"}]})
+    assert main(["estimate", str(path)]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
