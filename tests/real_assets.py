@@ -141,16 +141,18 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(_converted(name))
 
 
-@cache
-def load_tokenizer_with_tokens(name: str, tokens: tuple[str, ...]):
-    """A separate copy of a real tokenizer with `tokens` added as special tokens where missing,
-    as vocabulary extensions do (VinaLlama adds ChatML's markers to Llama-2's vocab)."""
+def new_tokenizer(name: str, special_tokens: tuple[str, ...] = ()):
+    """A tokenizer of its own (free to modify), with `special_tokens` added where missing, as
+    vocabulary extensions do (VinaLlama adds ChatML's markers to Llama-2's vocab)."""
     from transformers import AddedToken, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(_converted(name))
-    missing = [t for t in tokens if t not in tok.get_added_vocab()]  # Qwen2's BPE vocab holds a plain "</s>"
+    missing = [t for t in special_tokens if t not in tok.get_added_vocab()]  # Qwen2's BPE has a plain "</s>"
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     return tok
+
+
+load_tokenizer_with_tokens = cache(new_tokenizer)  # shared: do not modify
 
 
 def _converted(name: str) -> Path:
@@ -210,9 +212,12 @@ def _or_skip(fn, *args):
 @pytest.fixture(scope="session")
 def real_tokenizer():
     """`real_tokenizer(name)` -> a shared tokenizer (one of TOKENIZERS); do not modify it.
-    `real_tokenizer(name, special_tokens=(...))` -> a copy with those tokens added as special."""
+    `real_tokenizer(name, special_tokens=(...))` -> a shared copy with those tokens added as special.
+    `real_tokenizer(name, ..., new=True)` -> a tokenizer of the test's own."""
 
-    def get(name: str, special_tokens: tuple[str, ...] = ()):
+    def get(name: str, special_tokens: tuple[str, ...] = (), new: bool = False):
+        if new:
+            return _or_skip(new_tokenizer, name, tuple(special_tokens))
         if special_tokens:
             return _or_skip(load_tokenizer_with_tokens, name, tuple(special_tokens))
         return _or_skip(load_tokenizer, name)
