@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny models of real architectures, built once per test session."""
+"""Shared fixtures: tiny models of real architectures, built once per test session, and real
+tokenizers and chat templates (tests/real_assets.py: downloaded once, cached outside the repository)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from real_assets import llama_bpe, llama_spm, qwen2, real_chat_template, real_tokenizer  # noqa: F401 (fixtures)
 from vitune.cli import quiet_libraries
 
 quiet_libraries()

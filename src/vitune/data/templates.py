@@ -371,13 +371,34 @@ class JinjaTemplate:
             start_text = self._apply(self._messages(conv, i), add_generation_prompt=True)
             end_text = self._apply(self._messages(conv, i + 1), add_generation_prompt=False).rstrip()
             if not (text.startswith(start_text) and text.startswith(end_text) and len(end_text) > len(start_text)):
-                raise ConfigError(
-                    f"{conv.source}: the tokenizer's chat template does not render conversations "
-                    "turn by turn (a prefix of the conversation renders differently), so assistant "
-                    "turns cannot be located; choose a built-in template with model.template"
-                )
+                raise self._unlocatable(conv)
             spans.append((len(start_text), len(end_text)))
         return Rendered(text, spans)
+
+    def _unlocatable(self, conv: Conversation) -> ConfigError:
+        where = f"{conv.source}: " if conv.source else ""
+        if conv.system is not None:
+            # Some templates (Mistral-Nemo's) put the system prompt into the last user turn only,
+            # so a conversation that ends with an answer renders without it: say so, since the
+            # user can fix it in the data.
+            try:
+                without = Conversation(conv.messages, system=None, source=conv.source)
+                self.render(without, [m.role == "assistant" for m in conv.messages])
+            except ConfigError:
+                pass
+            else:
+                return ConfigError(
+                    f"{where}the tokenizer's chat template places the system prompt according to how "
+                    "the conversation ends (Mistral-Nemo's puts it in the last user turn only and drops "
+                    "it when an answer comes last), so conversations with a system prompt cannot be "
+                    "trained with it; remove the system prompts from the data or choose a built-in "
+                    "template with model.template"
+                )
+        return ConfigError(
+            f"{where}the tokenizer's chat template does not render conversations turn by turn "
+            "(a prefix of the conversation renders differently), so assistant turns cannot be "
+            "located; choose a built-in template with model.template"
+        )
 
     def prompt(self, conv: Conversation) -> str:
         return self._apply(self._messages(conv), add_generation_prompt=True)

@@ -41,7 +41,16 @@ def trained_turns(conv: Conversation, train_on_prompt: bool, mask_history: bool)
 
 
 def label_tokens(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Boolean per token: does its character range overlap a trained span?"""
+    """Boolean per token: does its character range overlap a trained span?
+
+    Overlap, not containment: a token that straddles a span's edge (Mistral's "[/INST]" + an
+    answer starting "(" gives the token "](", Qwen2.5's "assistant\\n" + an answer starting
+    "\\n" gives "\\n\\n") is trained, so no character of an answer or of its end-of-turn marker
+    goes unlearned. Offsets that differ between tokenizers stay inside this rule: SentencePiece's
+    "▁word" covers its space (part of the answer in templates that start it with one), a "▁"
+    prepended after a special token shares the offsets of the next character, and whitespace
+    trimmed from byte-level offsets leaves an empty range at the whitespace's end.
+    """
     trained = np.zeros(len(offsets), dtype=bool)
     if len(offsets) == 0:
         return trained
