@@ -84,6 +84,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=20000)
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--sample", type=int, default=500, help="rows compared between the two")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer folder (e.g. a real Llama-3 vocab); default: vitune's tiny 4k BPE. "
+                             "Both sides then use vitune's llama3 template, which carries {% generation %} markers")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -94,7 +97,11 @@ def main() -> int:
     quiet_libraries()
     work = Path(tempfile.mkdtemp(prefix="vitune-bench-"))
     TINY = init_tiny_model("llama", work / "tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(TINY)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or TINY)
+    if args.tokenizer:
+        from vitune.data.templates import get_template
+
+        tokenizer.chat_template = get_template("llama3").jinja()
     convs = make_conversations(args.rows)
     path = work / "conversations.jsonl"
     with open(path, "w", encoding="utf-8") as fh:
@@ -120,6 +127,7 @@ def main() -> int:
     import transformers
     import trl
 
+    print(f"tokenizer: {args.tokenizer or 'vitune tiny 4k BPE'} ({len(tokenizer)} tokens)")
     print(f"rows: {args.rows}, tokens: {report.total_tokens:,}, max_length {args.max_length}, "
           f"cpu cores: {os.cpu_count()}")
     print(f"versions: transformers {transformers.__version__}, trl {trl.__version__}, tokenizers {tokenizers.__version__}")

@@ -60,6 +60,26 @@ def label_tokens(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarra
     return trained
 
 
+def _span_tokens(enc, a: int, b: int, n: int) -> Optional[tuple[int, int]]:
+    """The token range [i, j) that `label_tokens` would mark for the span [a, b), found from
+    its two edges instead of every token's offsets.
+
+    Offsets grow along the text, so the overlapping tokens are contiguous: take the token of
+    the first and last covered character of the span, then widen over neighbours that still
+    overlap (tokens sharing a character's range, empty ranges at trimmed whitespace).
+    None when no character of the span is covered by a token.
+    """
+    first = next((t for c in range(a, b) if (t := enc.char_to_token(c)) is not None), None)
+    if first is None:
+        return None
+    last = next(t for c in range(b - 1, a - 1, -1) if (t := enc.char_to_token(c)) is not None)
+    while first > 0 and enc.token_to_chars(first - 1)[1] > a:
+        first -= 1
+    while last + 1 < n and enc.token_to_chars(last + 1)[0] < b:
+        last += 1
+    return first, last + 1
+
+
 def tokenize_conversations(
     convs: list[Conversation],
     tokenizer,
@@ -68,8 +88,12 @@ def tokenize_conversations(
     train_on_prompt: bool = False,
     mask_history: bool = False,
 ) -> list[TokenizedRow]:
-    """Tokenize conversations in one batched call. Prompt turns are rendered by the template
-    with `train_on_prompt` handled as one span over the whole text."""
+    """Render and tokenize conversations in one batched call of the Rust tokenizer.
+
+    `train_on_prompt` is one span over the whole text. The backend tokenizer is called
+    directly (same ids as `tokenizer(text, add_special_tokens=False)`), skipping the
+    per-token Python conversion of offsets that dominated preprocessing time.
+    """
     if not convs:
         return []
     texts, spans = [], []
@@ -77,13 +101,22 @@ def tokenize_conversations(
         rendered = template.render(conv, trained_turns(conv, False, mask_history))
         texts.append(rendered.text)
         spans.append([(0, len(rendered.text))] if train_on_prompt else rendered.spans)
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     rows = []
-    for ids, offsets, row_spans in zip(enc["input_ids"], enc["offset_mapping"], spans):
-        mask = label_tokens(np.asarray(offsets, dtype=np.int64).reshape(-1, 2), row_spans)
-        ids_arr = np.asarray(ids, dtype=np.int64)
-        labels = np.where(mask, ids_arr, IGNORE)
-        rows.append(TokenizedRow(ids_arr.tolist(), labels.tolist()))
+    for enc, row_spans in zip(encodings, spans):
+        ids = enc.ids
+        labels = [IGNORE] * len(ids)
+        for a, b in row_spans:
+            found = _span_tokens(enc, a, b, len(ids)) if b > a else None
+            if found is None:
+                # no token covers a character of the span: fall back to the full offsets rule
+                mask = label_tokens(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), [(a, b)])
+                for k in np.flatnonzero(mask):
+                    labels[k] = ids[k]
+                continue
+            i, j = found
+            labels[i:j] = ids[i:j]
+        rows.append(TokenizedRow(ids, labels))
     return rows
 
 
