@@ -138,8 +138,26 @@ class TrainConfig(Section):
     save_total_limit: Optional[int] = Field(None, gt=0)
     eval_steps: Optional[int] = Field(None, gt=0)
     logging_steps: int = Field(10, gt=0)
-    resume: Literal[False] = Field(False, description="Resuming is not supported in this release.")
+    resume: Union[bool, str] = Field(
+        False,
+        description="false = start fresh; auto = the newest complete checkpoint in output_dir (fresh if none); "
+        "or the path of a checkpoint folder.",
+    )
+    resume_strict: bool = Field(
+        True, description="Refuse to resume when data, model, tokenizer, max_length or packing changed."
+    )
+    deepspeed: Optional[str] = Field(None, description="DeepSpeed config JSON, e.g. examples/deepspeed/zero2.json.")
+    fsdp: Optional[str] = Field(None, description="FSDP settings YAML, e.g. examples/fsdp/fsdp2.yaml.")
     report_to: list[Literal["tensorboard", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+
+
+    @model_validator(mode="after")
+    def _resume_value(self) -> "TrainConfig":
+        if self.resume is True:
+            raise ValueError("train.resume: true is ambiguous; write auto (newest checkpoint) or a checkpoint path")
+        if self.deepspeed and self.fsdp:
+            raise ValueError("give either train.deepspeed or train.fsdp, not both")
+        return self
 
 
 class RunConfig(Section):
@@ -243,7 +261,8 @@ def _first_problem(exc: ValidationError, source: str) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if kind == "value_error" and err.get("ctx", {}).get("error") is not None and isinstance(value, dict):
         # a rule across the fields of a section
-        return f"{source}: {key + ': ' if key else ''}{msg}"
+        prefix = f"{key}: " if key and not msg.startswith(key + ".") else ""
+        return f"{source}: {prefix}{msg}"
     where = f"{key} = {value!r}" if key else "config"
     return f"{source}: {where}: {msg[0].lower() + msg[1:]}"
 
