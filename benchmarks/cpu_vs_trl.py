@@ -21,12 +21,9 @@ the last (the first step pays one-time costs). GFLOP/s = 6 N x tokens/s, N = mat
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+
+from common import StepClock, environment, environment_line, rate_from_metrics  # noqa: E402
 
 MAX_LENGTH = 1024
 BATCH = 8
@@ -93,35 +92,6 @@ def make_conversations(tokenizer, n: int, seed: int, median: float = 200, sigma:
 # ---------------------------------------------------------------- stacks
 
 
-class StepClock:
-    """Real tokens and wall time of optimizer steps 2..N (a forward pre-hook counts tokens)."""
-
-    def __init__(self, model):
-        from transformers import TrainerCallback
-
-        self.tokens_by_step, self.pending, self.marks = [], 0, []
-        model.register_forward_pre_hook(self._count, with_kwargs=True)
-        clock = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                clock.tokens_by_step.append(clock.pending)
-                clock.pending = 0
-                clock.marks.append(time.perf_counter())
-
-        self.callback = Callback()
-
-    def _count(self, module, args, kwargs):
-        if module.training:
-            mask = kwargs.get("attention_mask")
-            self.pending += int(mask.sum()) if mask is not None else kwargs["input_ids"].numel()
-
-    def rate(self) -> tuple[float, int, float]:
-        tokens = sum(self.tokens_by_step[1:])
-        seconds = self.marks[-1] - self.marks[0]
-        return tokens / seconds, tokens, seconds
-
-
 def run_trl(model_dir: Path, rows, packing: bool, steps: int, out: Path) -> dict:
     import torch
     from datasets import Dataset
@@ -140,9 +110,8 @@ def run_trl(model_dir: Path, rows, packing: bool, steps: int, out: Path) -> dict
     clock = StepClock(model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[clock.callback])
     trainer.train()
-    rate, tokens, seconds = clock.rate()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tokens_per_s": rate, "tokens": tokens, "seconds": seconds, "steps": steps, "final_loss": losses[-1] if losses else None}
+    return {**clock.rate(), "steps": steps, "final_loss": losses[-1] if losses else None}
 
 
 def run_vitune(model_dir: Path, data_file: Path, steps: int, out: Path) -> dict:
@@ -159,32 +128,11 @@ def run_vitune(model_dir: Path, data_file: Path, steps: int, out: Path) -> dict:
                   "overwrite": True, "logging_steps": 1, "report_to": ["none"]},
     })
     result = run_sft(config, Console(quiet=True))
-    # the same clock as the TRL runs: steps 2..N, from vitune's own per-step metrics
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps_logged = [m for m in metrics if "loss" in m]
-    tokens = steps_logged[-1]["real_tokens"] - steps_logged[0]["real_tokens"]
-    seconds, previous = 0.0, steps_logged[0]["real_tokens"]
-    for m in steps_logged[1:]:
-        seconds += (m["real_tokens"] - previous) / m["tokens_per_s"]
-        previous = m["real_tokens"]
-    return {"tokens_per_s": tokens / seconds, "tokens": tokens, "seconds": seconds, "steps": steps,
-            "final_loss": result.summary["final_loss"], "summary": result.summary}
+    return {**rate_from_metrics(out / "metrics.jsonl"), "steps": steps, "final_loss": result.summary["final_loss"],
+            "summary": result.summary}
 
 
 # ---------------------------------------------------------------- main
-
-
-def versions() -> dict:
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-                if line.startswith("Model name")), platform.processor())
-    return {"device": f"{cpu}, {torch.get_num_threads()} threads", "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": trl.__version__, "peft": peft.__version__,
-            "date": datetime.date.today().isoformat()}
 
 
 def main(argv=None):
@@ -232,9 +180,8 @@ def main(argv=None):
     # the packed stacks run as many steps as it takes for about the same number of real tokens
     packed_steps = max(4, round(args.steps * BATCH * mean / (BATCH * MAX_LENGTH)))
 
-    info = versions()
-    print(f"device: {info['device']}\nversions: torch {info['torch']}, transformers {info['transformers']}, "
-          f"trl {info['trl']}, peft {info['peft']}, python {info['python']} ({info['date']})")
+    info = environment()
+    print(environment_line(info))
     print(f"data: {len(rows):,} conversations, {sum(lengths):,} tokens, length median {lengths[len(lengths) // 2]}, "
           f"mean {mean:.0f}, max {lengths[-1]}; {report.trained_token_fraction:.0%} of tokens trained; "
           f"padded batches of {BATCH}: {padding:.0%} padding")
