@@ -146,8 +146,8 @@ def first_step(model_dir, items, collator, micro_batch, accumulation, tmp_path, 
 def sft_rows(tiny_models):
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     config = validate_config({"model": {"name_or_path": str(tiny_models["llama"])},
-                              "data": {"train": [{"path": str(SHAREGPT), "max_samples": 4}, {"path": str(ALPACA), "max_samples": 6}],
-                                       "max_length": 512}})
+                              "data": {"train": [{"path": str(SHAREGPT), "max_samples": 3}, {"path": str(ALPACA), "max_samples": 4}],
+                                       "max_length": 384}})
     rows, _, _ = prepare_sft_data(config.data, tokenizer, resolve_template("auto", tokenizer), seed=0)
     return rows
 
@@ -156,7 +156,7 @@ def sft_rows(tiny_models):
 def test_packed_step_equals_rows_one_at_a_time(tiny_models, sft_rows, tmp_path, lora):
     model_dir = tiny_models["llama"]
     one_by_one = [{"input_ids": r.input_ids, "labels": r.labels} for r in sft_rows]
-    bins = packed_items(sft_rows, 512)
+    bins = packed_items(sft_rows, 384)
     assert 1 < len(bins) < len(sft_rows)
     single = first_step(model_dir, one_by_one, PadCollator(0), 1, len(sft_rows), tmp_path, lora)
     packed = first_step(model_dir, bins, PackedCollator(), len(bins), 1, tmp_path, lora)
@@ -176,8 +176,8 @@ def run_config(model, out, packing, **train):
     return validate_config({
         "model": {"name_or_path": str(model)},
         "method": {"type": "full"},
-        "data": {"train": [{"path": str(ALPACA), "max_samples": 24}], "max_length": 256, "packing": packing},
-        "train": {"max_steps": 12, "micro_batch_size": 24, "learning_rate": 3e-3, "warmup_ratio": 0.0, "output_dir": str(out),
+        "data": {"train": [{"path": str(ALPACA), "max_samples": 16}], "max_length": 256, "packing": packing},
+        "train": {"max_steps": 8, "micro_batch_size": 16, "learning_rate": 3e-3, "warmup_ratio": 0.0, "output_dir": str(out),
                   "logging_steps": 1, "report_to": ["none"], **train},
     })
 
@@ -190,7 +190,7 @@ def test_packed_run_reaches_the_loss_of_a_padded_run(tiny_llama, tmp_path):
     assert packed["real_tokens"] == padded["real_tokens"]
     assert packed["final_loss"] < padded["first_loss"] - 2.0  # it learnt something
     assert packed["final_loss"] == pytest.approx(padded["final_loss"], abs=2e-3)
-    assert padded["padding_fraction"] > 0.3 and packed["padding_fraction"] == 0.0
+    assert padded["padding_fraction"] > 0.2 and packed["padding_fraction"] == 0.0
     assert 0.6 < packed["packing_efficiency"] <= 1.0
 
 

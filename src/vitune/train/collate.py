@@ -52,10 +52,9 @@ class PackedCollator:
     With `trim_lm_head` (default) it also passes `logits_to_keep` = the positions whose
     next token is trained, and `shift_labels` = those next tokens: the LM head and the
     cross-entropy then run only where there is a loss (prompt turns carry none), which
-    saves a quarter of a small model's FLOPs and the memory of the full logits. The loss
-    is the same; Trainer counts `shift_labels` for `num_items_in_batch`. Turn it off when
-    the model's forward is replaced (Liger's fused linear cross-entropy already avoids
-    materialising the logits).
+    saves up to a quarter of a small model's FLOPs and the memory of the full logits. The
+    loss is the same; Trainer counts `shift_labels` for `num_items_in_batch`. transformers'
+    causal LMs and Liger's fused linear cross-entropy forward both take these two kwargs.
     """
 
     def __init__(self, trim_lm_head: bool = True):

@@ -208,9 +208,7 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         train_set, eval_set = pack_rows(train_rows, max_length), pack_rows(eval_rows, max_length)
         fill = packing_efficiency(train_set, max_length)
         console.print(f"packing: {len(train_rows):,} rows -> {len(train_set):,} bins of {max_length} tokens, {fill:.1%} full")
-        # Liger replaces the model's forward with its fused linear cross-entropy, which already
-        # avoids the full logits; the collator's own LM-head trimming is for the plain forward.
-        collator = PackedCollator(trim_lm_head=not plan.liger)
+        collator = PackedCollator()
     else:
         train_set, eval_set = train_rows, eval_rows
         pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
