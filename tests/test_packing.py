@@ -215,3 +215,39 @@ def test_bloom_trains_padded_unless_packing_was_asked_for(tiny_models):
     assert plan().packing is False  # the default yields to an architecture that cannot pack
     with pytest.raises(UserError, match="data.packing: true, but bloom models cannot keep packed rows apart"):
         plan(packing=True)
+
+
+# ---------------------------------------------------------------- GPU settings, decided on any machine
+
+
+def test_checkpointing_auto_spends_spare_gpu_memory_on_speed(tiny_llama, monkeypatch):
+    from types import SimpleNamespace
+
+    from vitune.train import gpu
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)  # 4 layers, fp32
+    assert gpu.checkpointing_plan("auto", model, 8192, liger=False, full_fine_tuning=True) == 0  # CPU: never
+    assert gpu.checkpointing_plan(True, model, 8192, liger=False, full_fine_tuning=True) == 1
+
+    def plan_with(gib):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: SimpleNamespace(total_memory=gib * 2**30))
+        return gpu.checkpointing_plan("auto", model, 8192, liger=True, full_fine_tuning=True)
+
+    # per token and layer (16*256 + 6*688) * 4 bytes = 32.9 kB, so 8,192 tokens x 4 layers = 1.03 GiB
+    # of activations above ~1.1 GiB of weights, Adam state and slack
+    assert plan_with(80) == 0  # everything fits: no recomputation
+    assert plan_with(2.2) == 4  # only layer 0 checkpointed
+    assert plan_with(2.0) == 3  # layers 0 and 3
+    assert plan_with(1.0) == 1  # every layer, the smallest it can be
+
+
+def test_liger_is_applied_only_where_it_can_run(tiny_models):
+    from vitune.train.gpu import use_liger
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    assert use_liger("auto", llama) is False  # no GPU here
+    assert use_liger(False, llama) is False
+    with pytest.raises(UserError, match="train.liger_kernel: true needs"):
+        use_liger(True, llama)
