@@ -35,7 +35,12 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: auto = bfloat16 on a GPU that supports it, else float32."
     )
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager", "flex_attention"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager", "flex_attention"] = Field(
+        "auto",
+        description="auto = flash_attention_2 on a GPU when flash-attn is installed, else sdpa. With packing, "
+        "sdpa attends row by row and flash_attention_2 uses its varlen kernel; eager and flex_attention "
+        "use transformers' mask built from the position ids.",
+    )
     trust_remote_code: bool = False
 
 
@@ -97,7 +102,12 @@ class DataConfig(Section):
     overflow: Literal["drop", "truncate"] = Field(
         "drop", description="Rows longer than max_length: drop them (counted) or truncate them."
     )
-    packing: bool = False
+    packing: bool = Field(
+        True,
+        description="Pack rows end to end into bins of max_length tokens (best fit), so no compute goes to "
+        "padding; attention never crosses rows. micro_batch_size then counts bins. Architectures that "
+        "cannot take row boundaries (BLOOM) train padded.",
+    )
     train_on_prompt: bool = False
     mask_history: bool = False
     normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
@@ -130,7 +140,17 @@ class TrainConfig(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="Recompute activations in the backward pass to save memory (~30% slower). auto: off on "
+        "the CPU; on a GPU, checkpoint only as many layers as needed to fit in its memory.",
+    )
+    liger_kernel: Union[Literal["auto"], bool] = Field(
+        "auto",
+        description="Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy): "
+        "auto = on a GPU when liger-kernel is installed (pip install 'vitune[gpu]') and the architecture "
+        "is supported (Llama, Mistral, Qwen2, ...).",
+    )
     seed: int = 42
     output_dir: str = "runs/vitune"
     overwrite: bool = Field(False, description="Replace an existing output_dir instead of refusing.")

@@ -1,7 +1,11 @@
 """Supervised fine-tuning, read top to bottom:
 
-    config -> tokenizer + template -> data (rows -> records -> tokens) -> model (load -> adapt)
-           -> Trainer -> run folder
+    config -> tokenizer + template -> data (rows -> records -> tokens) -> model (load -> plan -> adapt)
+           -> bins (packing) -> Trainer -> run folder
+
+The speed plan (`plan_speed`) is decided once, before anything is written: packing (on by
+default; rows laid end to end in bins of max_length, attention kept within each row),
+attention kernel, Liger kernels and activation checkpointing (on a GPU) -- and printed.
 
 The run folder holds config.yaml (resolved), metrics.jsonl, tensorboard/, then at the end
 the adapter (or full model), the tokenizer with the chat template used in training, and
@@ -49,9 +53,47 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
             raise UserError(f"train.output_dir {path} is a file")
 
 
-def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool):
+@dataclass(frozen=True)
+class SpeedPlan:
+    """How a run goes fast, decided once from the config, the model and the device."""
+
+    packing: bool
+    attention: str  # as the model will run it
+    liger: bool
+    checkpoint_every: int  # 0 = no activation checkpointing, n = every n-th layer (1 = all)
+
+    def describe(self) -> str:
+        ckpt = {0: "off", 1: "every layer"}.get(self.checkpoint_every, f"every {self.checkpoint_every} layers")
+        return (f"packing {'on' if self.packing else 'off'}, attention {self.attention}, "
+                f"liger {'on' if self.liger else 'off'}, activation checkpointing {ckpt}")
+
+
+def plan_speed(config: RunConfig, model) -> SpeedPlan:
+    """Packing, attention, Liger and checkpointing for this model on this device."""
+    from vitune.models.attention import supports_packing
+    from vitune.train.gpu import checkpointing_plan, use_liger
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    packing = config.data.packing
+    if packing and not supports_packing(model):
+        if "packing" in config.data.model_fields_set:
+            raise UserError(f"data.packing: true, but {base.config.model_type} models cannot keep packed rows apart "
+                            "(their attention takes no row boundaries); set data.packing: false")
+        packing = False  # the default for SFT, not the user's choice: train padded (the plan says so)
+    attention = base.config._attn_implementation
+    if packing and attention == "sdpa":
+        attention = "sdpa (row by row)"
+    liger = use_liger(config.train.liger_kernel, model)
+    tokens = config.train.micro_batch_size * config.data.max_length
+    every = checkpointing_plan(config.train.gradient_checkpointing, model, tokens, liger, config.method.type == "full")
+    return SpeedPlan(packing, attention, liger, every)
+
+
+def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan: SpeedPlan):
     import torch
     from transformers import TrainingArguments
+
+    from vitune.train.gpu import use_tf32
 
     t = config.train
     dtype = config.model.dtype
@@ -70,8 +112,11 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool):
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         optim=t.optimizer,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=plan.checkpoint_every > 0,
+        activation_checkpointing_kwargs={"every_n_layers": plan.checkpoint_every} if plan.checkpoint_every > 1 else None,
+        use_liger_kernel=plan.liger,
         bf16=bf16,
+        tf32=use_tf32(),
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
@@ -84,6 +129,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool):
         report_to=[r for r in t.report_to if r != "none"] or "none",
         disable_tqdm=True,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # evaluation reports the loss; packed batches keep only trained logits
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
     )
@@ -112,7 +158,9 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
 
     set_seed(config.train.seed)  # LoRA initialisation and dropout follow the seed
     model = load_model(config.model, config.method)
-    model = adapt_model(model, config.method, config.train.gradient_checkpointing)
+    plan = plan_speed(config, model)
+    model = adapt_model(model, config.method, plan.checkpoint_every > 0)
+    console.print(f"speed: {plan.describe()}")
 
     # From here on the run folder exists; summary.json at the end marks it complete.
     if out.exists() and config.train.overwrite:
@@ -126,24 +174,7 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
                 fh.write(json.dumps({"source": r.source, "reason": r.reason, "detail": r.detail, "row": r.row}, ensure_ascii=False, default=str) + "\n")
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
-    from transformers.trainer_callback import PrinterCallback
-
-    from vitune.train.trainer import MetricsFile, PadCollator, RichProgress, VituneTrainer
-
-    metrics = MetricsFile(out / "metrics.jsonl")
-    trainer = VituneTrainer(
-        model=model,
-        args=training_arguments(config, out, bool(eval_rows)),
-        train_dataset=[{"input_ids": r.input_ids, "labels": r.labels} for r in train_rows],
-        eval_dataset=[{"input_ids": r.input_ids, "labels": r.labels} for r in eval_rows] or None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer,
-        callbacks=[metrics, RichProgress(console)],
-    )
-    trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts
-    started = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - started
+    trainer, summary = fit(config, model, train_rows, eval_rows, out, plan, console, tokenizer)
 
     # The template used in training travels with the tokenizer, so chat renders the same.
     tokenizer.chat_template = template.jinja()
@@ -152,22 +183,73 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
     # Trainer also saved the tokenizer, with the template in chat_template.jinja; keep one copy,
     # in tokenizer_config.json, where every tool (old and new) looks for it.
     (out / "chat_template.jinja").unlink(missing_ok=True)
-    summary = {
-        "steps": trainer.state.global_step,
-        "seconds": round(seconds, 2),
-        "real_tokens": trainer.real_tokens,
-        "tokens_per_s": round(trainer.real_tokens / seconds, 1) if seconds else 0.0,
-        "first_loss": metrics.losses[0][1] if metrics.losses else None,
-        "final_loss": metrics.losses[-1][1] if metrics.losses else None,
-        "packing_efficiency": round(trainer.real_tokens / max(trainer.token_slots, 1), 4),
-        "peak_memory_gib": _peak_memory(),
-        "template": template.name,
-    }
+    summary["template"] = template.name
     (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return TrainResult(out, summary, report, trainer.model)
 
 
-def _peak_memory():
-    import torch
+def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedPlan, console: Console,
+        tokenizer=None, pad_token_id: int | None = None):
+    """Train `model` on tokenised rows (packed or padded, as planned) -> (trainer, summary).
 
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+    Writes metrics.jsonl (and tensorboard) into `out`; saves nothing else. Benchmarks call
+    this directly with a model built in memory.
+    """
+    from contextlib import nullcontext
+
+    from transformers.trainer_callback import PrinterCallback
+
+    from vitune.data.packing import pack_rows, packing_efficiency
+    from vitune.models.attention import packed_attention
+    from vitune.train.collate import PackedCollator, PadCollator
+    from vitune.train.telemetry import peak_memory_gib
+    from vitune.train.trainer import MetricsFile, RichProgress, VituneTrainer
+
+    max_length = config.data.max_length
+    if plan.packing:
+        train_set, eval_set = pack_rows(train_rows, max_length), pack_rows(eval_rows, max_length)
+        fill = packing_efficiency(train_set, max_length)
+        console.print(f"packing: {len(train_rows):,} rows -> {len(train_set):,} bins of {max_length} tokens, {fill:.1%} full")
+        collator = PackedCollator()
+    else:
+        train_set, eval_set = train_rows, eval_rows
+        pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
+        collator = PadCollator(pad)
+    metrics = MetricsFile(out / "metrics.jsonl")
+    trainer = VituneTrainer(
+        model=model,
+        args=training_arguments(config, out, bool(eval_rows), plan),
+        train_dataset=_items(train_set),
+        eval_dataset=_items(eval_set) or None,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[metrics, RichProgress(console)],
+    )
+    trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts
+    started = time.perf_counter()
+    with packed_attention(model) if plan.packing else nullcontext():
+        trainer.train()
+    seconds = time.perf_counter() - started
+
+    run = trainer.throughput(trainer.real_tokens, trainer.token_slots, trainer.model_flops, seconds)
+    summary = {
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 2),
+        "real_tokens": trainer.real_tokens,
+        "tokens_per_s": run["tokens_per_s"],
+        "first_loss": metrics.losses[0][1] if metrics.losses else None,
+        "final_loss": metrics.losses[-1][1] if metrics.losses else None,
+        # bins filled (packing) or token slots used (padding): real tokens / slots either way
+        "packing_efficiency": round(fill if plan.packing else 1 - run["padding_fraction"], 4),
+        "padding_fraction": run["padding_fraction"],
+        "tflops": run["tflops"],
+        "mfu": run.get("mfu"),
+        "peak_memory_gib": peak_memory_gib(),
+        "speed": plan.describe(),
+    }
+    return trainer, summary
+
+
+def _items(rows) -> list[dict]:
+    """TokenizedRow / PackedRow -> the dicts the collators take."""
+    return [{k: v for k, v in vars(r).items() if k != "truncated"} for r in rows]

@@ -1,5 +1,5 @@
-"""The pieces every training stage shares: the batch collator, the Trainer subclass that
-counts real tokens, and the callbacks that write metrics.jsonl and draw the progress bar."""
+"""The pieces every training stage shares: the Trainer subclass that measures tokens and
+FLOPs, and the callbacks that write metrics.jsonl and draw the progress bar."""
 
 from __future__ import annotations
 
@@ -10,71 +10,71 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from vitune.data.tokenize import IGNORE
-
-
-class PadCollator:
-    """Pads a list of {input_ids, labels} rows to the longest row of the batch.
-
-    Right padding with the tokenizer's pad id, labels padded with -100, and an attention
-    mask, so padded positions neither attend nor count in the loss.
-    """
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
-        self.pad_token_id = pad_token_id
-        self.multiple = pad_to_multiple_of
-
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(r["input_ids"]) for r in rows)
-        if self.multiple:
-            longest = -(-longest // self.multiple) * self.multiple
-        ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), longest), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.as_tensor(row["input_ids"])
-            labels[i, :n] = torch.as_tensor(row["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+from vitune.train.telemetry import FlopsModel, flops_model, peak_flops, peak_memory_gib
 
 
 class VituneTrainer(Trainer):
-    """`Trainer` that also counts real (non-padding) tokens and token slots for telemetry.
+    """`Trainer` that also measures what a step does: real (non-padding) tokens, token
+    slots, model FLOPs, for tokens/s, padding fraction, TFLOP/s and MFU in the logs.
 
     The loss itself is Trainer's: with `num_items_in_batch` it is the mean over all trained
-    tokens of the optimizer step, not a mean of per-micro-batch means.
+    tokens of the optimizer step (across micro-batches, gradient accumulation and
+    processes), not a mean of per-micro-batch means. PEFT models keep it: Trainer looks
+    through the adapter to the base model's forward, which takes the loss kwargs.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, flops: FlopsModel | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.flops = flops or flops_model(self.model)
+        self.peak_flops = peak_flops()
         self.real_tokens = 0
         self.token_slots = 0
-        self._window_tokens = 0
-        self._window_slots = 0
+        self.model_flops = 0.0
+        self._window = [0, 0, 0.0]  # real tokens, slots, FLOPs since the last log
         self._window_start = time.perf_counter()
-        self.train_start = time.perf_counter()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            mask = inputs.get("attention_mask")
-            real = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-            self.real_tokens += real
-            self._window_tokens += real
-            self.token_slots += inputs["input_ids"].numel()
-            self._window_slots += inputs["input_ids"].numel()
+            self._count(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _count(self, inputs: dict) -> None:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        if "cu_seq_lens_q" in inputs:  # packed: one row, no padding
+            lengths = inputs["cu_seq_lens_q"].diff()
+        elif mask is not None:
+            lengths = mask.sum(dim=1)
+        else:
+            lengths = torch.full((ids.shape[0],), ids.shape[1])
+        real = int(lengths.sum())
+        flops = self.flops.step(real, int((lengths.long() ** 2).sum()))
+        self.real_tokens += real
+        self.token_slots += ids.numel()
+        self.model_flops += flops
+        for i, value in enumerate((real, ids.numel(), flops)):
+            self._window[i] += value
+
+    def throughput(self, tokens: int, slots: int, flops: float, seconds: float) -> dict:
+        """tokens/s, padding fraction, TFLOP/s and MFU (when the device's peak is known)."""
+        seconds = max(seconds, 1e-9)
+        out = {
+            "tokens_per_s": round(tokens / seconds, 1),
+            "padding_fraction": round(1 - tokens / max(slots, 1), 4),
+            "tflops": round(flops / seconds / 1e12, 4),
+        }
+        if self.peak_flops:
+            out["mfu"] = round(flops / seconds / self.peak_flops, 4)
+        return out
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:
             now = time.perf_counter()
-            elapsed = max(now - self._window_start, 1e-9)
             logs["real_tokens"] = self.real_tokens
-            logs["tokens_per_s"] = round(self._window_tokens / elapsed, 1)
-            logs["padding_fraction"] = round(1 - self._window_tokens / max(self._window_slots, 1), 4)
+            logs.update(self.throughput(*self._window, now - self._window_start))
             if torch.cuda.is_available():
-                logs["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            self._window_tokens = self._window_slots = 0
+                logs["peak_memory_gib"] = peak_memory_gib()
+            self._window = [0, 0, 0.0]
             self._window_start = now
         super().log(logs, start_time)
 
@@ -82,7 +82,8 @@ class VituneTrainer(Trainer):
 class MetricsFile(TrainerCallback):
     """One JSON object per logged step in metrics.jsonl (rank 0 only)."""
 
-    KEYS = ("loss", "learning_rate", "grad_norm", "real_tokens", "tokens_per_s", "padding_fraction", "peak_memory_gib", "eval_loss")
+    KEYS = ("loss", "learning_rate", "grad_norm", "real_tokens", "tokens_per_s", "padding_fraction", "tflops", "mfu",
+            "peak_memory_gib", "eval_loss")
 
     def __init__(self, path: Path):
         self.path = path
@@ -102,7 +103,7 @@ class MetricsFile(TrainerCallback):
 
 
 class RichProgress(TrainerCallback):
-    """A rich progress bar: step, loss, learning rate, tokens/s and time left."""
+    """A rich progress bar: step, loss, learning rate, tokens/s, padding, MFU and time left."""
 
     def __init__(self, console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -114,6 +115,8 @@ class RichProgress(TrainerCallback):
             TextColumn("loss [cyan]{task.fields[loss]}"),
             TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[tps]} tok/s"),
+            TextColumn("pad {task.fields[pad]}"),
+            TextColumn("{task.fields[mfu]}"),
             TimeRemainingColumn(),
             console=console,
             transient=False,
@@ -123,7 +126,7 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.progress.start()
-            self.task = self.progress.add_task("train", total=state.max_steps, loss="-", lr="-", tps="-")
+            self.task = self.progress.add_task("train", total=state.max_steps, loss="-", lr="-", tps="-", pad="-", mfu="")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.task is not None:
@@ -137,6 +140,8 @@ class RichProgress(TrainerCallback):
             loss=f"{logs['loss']:.4f}",
             lr=f"{logs.get('learning_rate', 0):.2e}",
             tps=f"{logs.get('tokens_per_s', 0):,.0f}",
+            pad=f"{logs.get('padding_fraction', 0):.0%}",
+            mfu=f"MFU {logs['mfu']:.0%}" if "mfu" in logs else f"{logs.get('tflops', 0):.2f} TFLOP/s",
         )
 
     def on_train_end(self, args, state, control, **kwargs):
