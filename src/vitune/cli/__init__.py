@@ -59,21 +59,30 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         return exc.exit_code
+    except Exception as exc:
+        from vitune.train.sft import RunInterrupted
+
+        if not isinstance(exc, RunInterrupted):
+            return _other_error(exc)
+        err_console.print(f"[bold yellow]{exc}[/]", highlight=False, soft_wrap=True)
+        return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
         return 130
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
-    except Exception as exc:  # click's usage errors are user errors too
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return 2
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
-        raise
     return 0
+
+
+def _other_error(exc: Exception) -> int:
+    import click
+
+    if isinstance(exc, click.exceptions.ClickException):  # usage errors are user errors too
+        exc.show()
+        return 2
+    if isinstance(exc, click.exceptions.Abort):
+        return 130
+    raise exc
 
 
 def run() -> None:

@@ -29,6 +29,7 @@ from vitune.config import RunConfig, dump_config
 from vitune.data.pipeline import DataReport, prepare_sft_data
 from vitune.data.templates import resolve_template
 from vitune.errors import UserError
+from vitune.models.architecture import load_model_config
 from vitune.models.loading import adapt_model, load_model, load_tokenizer
 
 SUMMARY = "summary.json"
@@ -42,11 +43,23 @@ class TrainResult:
     model: object = None  # the trained model in memory (adapter attached for LoRA)
 
 
-def check_output_dir(path: Path, overwrite: bool) -> None:
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after saving a checkpoint."""
+
+    def __init__(self, signal_name: str, out: Path, step: int):
+        self.exit_code = 130 if signal_name == "SIGINT" else 143
+        super().__init__(
+            f"stopped by {signal_name} at step {step}; checkpoint saved in {out}/checkpoint-{step}. "
+            "Resume with: vitune train CONFIG --set train.resume=auto"
+        )
+
+
+def check_output_dir(path: Path, overwrite: bool, resuming: bool = False) -> None:
     if path.exists() and any(path.iterdir()):
         if not overwrite:
+            extra = " and holds no complete checkpoint to resume from" if resuming else ""
             raise UserError(
-                f"train.output_dir {path} already exists and is not empty; choose another folder "
+                f"train.output_dir {path} already exists and is not empty{extra}; choose another folder "
                 "or set train.overwrite: true (e.g. --set train.overwrite=true)"
             )
         if not path.is_dir():
@@ -139,14 +152,26 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
     """Fine-tune `config.model` on `config.data`; returns the run folder and its summary."""
     from transformers import set_seed
 
+    from accelerate import PartialState
+
+    from vitune.data.cache import cache_key
+    from vitune.train.checkpoint import check_fingerprint, find_resume_checkpoint, fingerprint
+    from vitune.train.guidance import advise, check_max_length
+
     console = console or Console()
+    state = PartialState()  # one process, or one rank of `accelerate launch`
     out = Path(config.train.output_dir)
-    check_output_dir(out, config.train.overwrite)
+    resume_from = find_resume_checkpoint(out, config.train.resume)
+    if resume_from is None:
+        check_output_dir(out, config.train.overwrite, resuming=config.train.resume == "auto")
 
     # The tokenizer and template come first: the data is rendered and tokenised with them.
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     template = resolve_template(config.model.template, tokenizer)
-    train_rows, eval_rows, report = prepare_sft_data(config.data, tokenizer, template, config.train.seed)
+    model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
+    check_max_length(config, model_config)
+    with state.main_process_first():  # rank 0 fills the cache, the others read it
+        train_rows, eval_rows, report = prepare_sft_data(config.data, tokenizer, template, config.train.seed)
     if report.from_cache:
         console.print(f"data: reusing prepared data from the cache ({report.cached_at})")
     console.print(
@@ -155,6 +180,13 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
         + f", {report.rows_truncated} truncated; {report.total_tokens:,} tokens, "
         f"{report.trained_token_fraction:.0%} trained; template {template.name}"
     )
+    for advice in advise(config, model_config):
+        console.print(f"[yellow]advice[/] {advice.key}: {advice.text}")
+
+    run_fingerprint = fingerprint(config, cache_key(config.data, tokenizer, template, config.train.seed))
+    if resume_from is not None:
+        check_fingerprint(resume_from, run_fingerprint, config.train.resume_strict)
+        console.print(f"resuming from {resume_from}")
 
     set_seed(config.train.seed)  # LoRA initialisation and dropout follow the seed
     model = load_model(config.model, config.method)
@@ -163,18 +195,27 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
     console.print(f"speed: {plan.describe()}")
 
     # From here on the run folder exists; summary.json at the end marks it complete.
-    if out.exists() and config.train.overwrite:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-    (out / "data_report.json").write_text(json.dumps(report.summary(), indent=2), encoding="utf-8")
-    if report.rejections:
-        with open(out / "rejects.jsonl", "w", encoding="utf-8") as fh:
-            for r in report.rejections:
-                fh.write(json.dumps({"source": r.source, "reason": r.reason, "detail": r.detail, "row": r.row}, ensure_ascii=False, default=str) + "\n")
+    # Only the main process writes files; every rank trains.
+    if state.is_main_process:
+        if out.exists() and config.train.overwrite and resume_from is None:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
+        (out / "data_report.json").write_text(json.dumps(report.summary(), indent=2), encoding="utf-8")
+        if report.rejections:
+            with open(out / "rejects.jsonl", "w", encoding="utf-8") as fh:
+                for r in report.rejections:
+                    fh.write(json.dumps({"source": r.source, "reason": r.reason, "detail": r.detail, "row": r.row},
+                                        ensure_ascii=False, default=str) + "\n")
+    state.wait_for_everyone()
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
-    trainer, summary = fit(config, model, train_rows, eval_rows, out, plan, console, tokenizer)
+    trainer, summary = fit(config, model, train_rows, eval_rows, out, plan, console, tokenizer,
+                           resume_from=resume_from, checkpoint_marker=(run_fingerprint, dump_config(config)))
+    if summary.get("stopped_by"):
+        raise RunInterrupted(summary["stopped_by"], out, trainer.state.global_step)
+    if not state.is_main_process:
+        return TrainResult(out, summary, report, trainer.model)
 
     # The template used in training travels with the tokenizer, so chat renders the same.
     tokenizer.chat_template = template.jinja()
@@ -189,7 +230,8 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
 
 
 def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedPlan, console: Console,
-        tokenizer=None, pad_token_id: int | None = None):
+        tokenizer=None, pad_token_id: int | None = None, resume_from: Path | None = None,
+        checkpoint_marker: tuple | None = None):
     """Train `model` on tokenised rows (packed or padded, as planned) -> (trainer, summary).
 
     Writes metrics.jsonl (and tensorboard) into `out`; saves nothing else. Benchmarks call
@@ -215,7 +257,11 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         train_set, eval_set = train_rows, eval_rows
         pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
         collator = PadCollator(pad)
-    metrics = MetricsFile(out / "metrics.jsonl")
+    from vitune.train.checkpoint import StopOnSignal
+
+    resume_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else None
+    metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume_step)
+    stop = StopOnSignal()
     trainer = VituneTrainer(
         model=model,
         args=training_arguments(config, out, bool(eval_rows), plan),
@@ -223,12 +269,17 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         eval_dataset=_items(eval_set) or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[metrics, RichProgress(console)],
+        callbacks=[metrics, RichProgress(console), stop],
+        checkpoint_marker=checkpoint_marker,
     )
     trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts
     started = time.perf_counter()
-    with packed_attention(model) if plan.packing else nullcontext():
-        trainer.train()
+    stop.install()
+    try:
+        with packed_attention(model) if plan.packing else nullcontext():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        stop.uninstall()
     seconds = time.perf_counter() - started
 
     run = trainer.throughput(trainer.real_tokens, trainer.token_slots, trainer.model_flops, seconds)
@@ -247,6 +298,8 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         "peak_memory_gib": peak_memory_gib(),
         "speed": plan.describe(),
     }
+    if stop.received:
+        summary["stopped_by"] = stop.received
     return trainer, summary
 
 

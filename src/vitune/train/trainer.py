@@ -23,8 +23,10 @@ class VituneTrainer(Trainer):
     through the adapter to the base model's forward, which takes the loss kwargs.
     """
 
-    def __init__(self, *args, flops: FlopsModel | None = None, **kwargs):
+    def __init__(self, *args, flops: FlopsModel | None = None, checkpoint_marker: tuple | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.checkpoint_marker = checkpoint_marker  # (fingerprint, resolved config YAML) for each checkpoint
+        self._staging: str | None = None
         self.flops = flops or flops_model(self.model)
         self.peak_flops = peak_flops()
         self.real_tokens = 0
@@ -67,6 +69,46 @@ class VituneTrainer(Trainer):
             out["mfu"] = round(flops / seconds / self.peak_flops, 4)
         return out
 
+    # ------------------------------------------------------------ atomic checkpoints
+
+    def _get_output_dir(self, trial):
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written to a staging folder, marked complete, then renamed.
+
+        Every rank writes its part (RNG state, sharded optimizer) into the staging folder;
+        after a barrier the main process adds the marker and renames it to checkpoint-N, so
+        a crash at any point leaves no checkpoint-N without its marker.
+        """
+        import os
+        import shutil
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from vitune.train.checkpoint import STAGING, write_marker
+
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = os.path.join(run_dir, STAGING)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged = Path(run_dir) / STAGING / name
+            if self.checkpoint_marker is not None:
+                write_marker(staged, *self.checkpoint_marker)
+            final = Path(run_dir) / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            shutil.rmtree(Path(run_dir) / STAGING, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs:
             now = time.perf_counter()
@@ -85,9 +127,14 @@ class MetricsFile(TrainerCallback):
     KEYS = ("loss", "learning_rate", "grad_norm", "real_tokens", "tokens_per_s", "padding_fraction", "tflops", "mfu",
             "peak_memory_gib", "eval_loss")
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         self.losses: list[tuple[int, float]] = []
+        if resume_step is not None and path.is_file():
+            # a resumed run logs the steps after its checkpoint again: drop the old ones
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
