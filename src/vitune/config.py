@@ -134,8 +134,13 @@ class TrainConfig(Section):
     gradient_accumulation: int = Field(1, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
     optimizer: Literal[
-        "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd"
-    ] = Field("adamw_torch", description="8-bit and paged optimizers (bitsandbytes) cut optimizer memory.")
+        "auto", "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
+        "adafactor", "sgd",
+    ] = Field(
+        "auto",
+        description="auto = adamw_bnb_8bit when bitsandbytes is installed (a quarter of AdamW's state memory), "
+        "else adamw_torch. 8-bit and paged optimizers (bitsandbytes) cut optimizer memory.",
+    )
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

@@ -51,6 +51,11 @@ def estimate(
         typer.echo(json.dumps(result.to_dict()))
         return
 
+    print_estimate(cfg, result, Console(highlight=False))
+
+
+def print_estimate(cfg, result, console: Console) -> None:
+    """The breakdown table, the predicted speed and the notes."""
     tokens = cfg.data.max_length * cfg.train.micro_batch_size
     table = Table(
         title=f"{cfg.model.name_or_path} · {cfg.method.type} · {tokens:,} tokens per micro-batch · {result.device}",
@@ -62,7 +67,6 @@ def estimate(
         table.add_row(label, f"{getattr(result, key):.2f}")
     table.add_row("[bold]peak[/] (parts not alive at once are not added)", f"[bold]{result.total:.2f}")
     table.add_row("[dim]of which torch allocates (peak_memory_gib)", f"[dim]{result.peak_allocated:.2f}")
-    console = Console(highlight=False)
     console.print(table)
     console.print(
         f"trainable {result.trainable_params:,} of {result.total_params:,} parameters; "

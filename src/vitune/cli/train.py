@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,15 +26,54 @@ def train(
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a key: --set train.epochs=1 (repeatable)", show_default=False
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check the config, prepare (and cache) the data, print the estimate and advice; train nothing"
+    ),
+    nproc: int = typer.Option(1, "--nproc", help="Train with N processes on this machine (through accelerate launch)"),
+    device: str = typer.Option("H100", help="GPU the --dry-run estimate is for (see vitune estimate)"),
 ) -> None:
     from vitune.train.sft import run_sft
 
-    console = Console()
     cfg = load_config(config, set_ or [])
+    # under accelerate launch only the main process prints (ranks are set in the environment)
+    console = Console(quiet=os.environ.get("RANK", "0") != "0")
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(launch(config, set_ or [], nproc))
+    if dry_run:
+        from vitune.cli.estimate import print_estimate
+        from vitune.models.estimate import estimate
+        from vitune.train.sft import prepare_run
+
+        prepared = prepare_run(cfg, console)
+        print_estimate(cfg, estimate(cfg, prepared.model_config, device), console)
+        console.print(f"dry run: the config, tokenizer and data of {config} are ready; nothing was trained")
+        return
     result = run_sft(cfg, console)
+    if console.quiet:
+        return
     s = result.summary
     console.print(
         f"done: {s['steps']} steps in {s['seconds']:.0f} s, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
         f"{s['tokens_per_s']:,.0f} tokens/s. Run folder: {result.output_dir}"
     )
     console.print(f"chat with it: vitune chat {result.output_dir}")
+
+
+def launch(config: Path, overrides: list[str], nproc: int) -> int:
+    """Re-run this command under `accelerate launch` with nproc processes on this machine.
+
+    accelerate (not a launcher of ours) starts the processes and sets up torch.distributed:
+    NCCL on GPUs, gloo on the CPU. Each rank trains on its share of every global batch.
+    """
+    import torch
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
+           "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    if torch.cuda.is_available():
+        cmd += ["--multi_gpu"]
+    else:
+        cmd += ["--cpu"]  # CPU processes with the gloo backend
+    cmd += ["-m", "vitune", "train", str(config)]
+    for item in overrides:
+        cmd += ["--set", item]
+    return subprocess.call(cmd)

@@ -259,9 +259,12 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
     saved_bytes = 4 if qlora else wbytes  # a copy of the (possibly upcast) module
     adapter = 0.0 if full else trainable * tbytes + saved_params * saved_bytes
     gradients = trainable * tbytes + saved_params * saved_bytes
-    states = optimizer_bytes(train.optimizer, train_shapes, tbytes) + optimizer_bytes(train.optimizer, extra_shapes, saved_bytes)
-    step_temp = gradients if train.optimizer == "adamw_torch" else 0.0  # foreach sqrt(exp_avg_sq)
-    if train.optimizer.startswith("paged_"):
+    from vitune.models.optimizers import resolve_optimizer
+
+    optimizer = resolve_optimizer(train.optimizer)[0]  # auto -> what the run would use here
+    states = optimizer_bytes(optimizer, train_shapes, tbytes) + optimizer_bytes(optimizer, extra_shapes, saved_bytes)
+    step_temp = gradients if optimizer == "adamw_torch" else 0.0  # foreach sqrt(exp_avg_sq)
+    if optimizer.startswith("paged_"):
         notes.append("paged optimizer states live in CUDA unified memory: on the GPU, but not in torch's peak_memory_gib")
 
     # ---- activations
@@ -294,7 +297,7 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
     allocated = base + adapter + states + max(transient + accumulating, gradients + step_temp)
     overhead = (CUDA_CONTEXT_GIB * GIB + ALLOCATOR_SLACK * allocated) if dev.cuda else 0.0
     peak = allocated + overhead
-    paged = states if train.optimizer.startswith("paged_") else 0.0  # outside torch's allocator
+    paged = states if optimizer.startswith("paged_") else 0.0  # outside torch's allocator
     if dev.cuda and peak / GIB > dev.memory_gib:
         notes.append(f"does not fit: {peak / GIB:.1f} GiB > {dev.memory_gib} GB on {dev.name}")
 

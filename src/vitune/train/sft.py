@@ -31,6 +31,7 @@ from vitune.data.templates import resolve_template
 from vitune.errors import UserError
 from vitune.models.architecture import load_model_config
 from vitune.models.loading import adapt_model, load_model, load_tokenizer
+from vitune.models.optimizers import resolve_optimizer
 
 SUMMARY = "summary.json"
 
@@ -107,6 +108,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
     from transformers import TrainingArguments
 
     from vitune.train.gpu import use_tf32
+    from vitune.models.optimizers import resolve_optimizer
 
     t = config.train
     dtype = config.model.dtype
@@ -124,7 +126,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
+        optim=resolve_optimizer(t.optimizer)[0],
         activation_checkpointing=plan.checkpoint_every > 0,
         activation_checkpointing_kwargs={"every_n_layers": plan.checkpoint_every} if plan.checkpoint_every > 1 else None,
         use_liger_kernel=plan.liger,
@@ -148,17 +150,29 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
     )
 
 
-def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
-    """Fine-tune `config.model` on `config.data`; returns the run folder and its summary."""
-    from transformers import set_seed
+@dataclass
+class PreparedRun:
+    """Everything decided and prepared before a model is loaded (what --dry-run shows)."""
 
+    tokenizer: object
+    template: object
+    train_rows: list
+    eval_rows: list
+    report: DataReport
+    model_config: object
+    fingerprint: dict
+    resume_from: Path | None
+
+
+def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
+    """Check the output folder, load the tokenizer, prepare (or reuse) the data, print the
+    data counts and the guidance. Raises UserError for anything wrong with the user's input."""
     from accelerate import PartialState
 
     from vitune.data.cache import cache_key
     from vitune.train.checkpoint import check_fingerprint, find_resume_checkpoint, fingerprint
     from vitune.train.guidance import advise, check_max_length
 
-    console = console or Console()
     state = PartialState()  # one process, or one rank of `accelerate launch`
     out = Path(config.train.output_dir)
     resume_from = find_resume_checkpoint(out, config.train.resume)
@@ -182,11 +196,29 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
     )
     for advice in advise(config, model_config):
         console.print(f"[yellow]advice[/] {advice.key}: {advice.text}")
+    optimizer, notice = resolve_optimizer(config.train.optimizer)
+    if notice:
+        console.print(f"[yellow]notice[/] {notice}")
 
     run_fingerprint = fingerprint(config, cache_key(config.data, tokenizer, template, config.train.seed))
     if resume_from is not None:
         check_fingerprint(resume_from, run_fingerprint, config.train.resume_strict)
         console.print(f"resuming from {resume_from}")
+    return PreparedRun(tokenizer, template, train_rows, eval_rows, report, model_config, run_fingerprint, resume_from)
+
+
+def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
+    """Fine-tune `config.model` on `config.data`; returns the run folder and its summary."""
+    from accelerate import PartialState
+    from transformers import set_seed
+
+    console = console or Console()
+    state = PartialState()
+    out = Path(config.train.output_dir)
+    prepared = prepare_run(config, console)
+    tokenizer, template, report = prepared.tokenizer, prepared.template, prepared.report
+    train_rows, eval_rows = prepared.train_rows, prepared.eval_rows
+    resume_from, run_fingerprint = prepared.resume_from, prepared.fingerprint
 
     set_seed(config.train.seed)  # LoRA initialisation and dropout follow the seed
     model = load_model(config.model, config.method)
