@@ -31,7 +31,7 @@ def run(method: str = "lora", max_length: int = 2048, **train):
         "model": {"name_or_path": "m"},
         "method": {"type": method},
         "data": {"train": [{"path": "x.jsonl"}], "max_length": max_length},
-        "train": {"micro_batch_size": 1, "gradient_checkpointing": True, **train},
+        "train": {"micro_batch_size": 1, "gradient_checkpointing": True, "optimizer": "adamw_torch", **train},
     })
 
 

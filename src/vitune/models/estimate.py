@@ -204,6 +204,17 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
     arch = read_architecture(model_config)
     dev = get_device(device)
     method, train, lora = run_config.method, run_config.train, run_config.method.lora
+    if train.gradient_checkpointing == "auto":
+        # as the runner decides: no checkpointing when the run fits the device without it
+        def fixed(value: bool) -> RunConfig:
+            return run_config.model_copy(update={"train": train.model_copy(update={"gradient_checkpointing": value})})
+
+        result = estimate(fixed(False), model_config, device)
+        if dev.cuda and result.total > dev.memory_gib * 0.9:
+            result = estimate(fixed(True), model_config, device)
+            result.notes.append("gradient_checkpointing auto: estimated with every layer checkpointed; "
+                                "the run checkpoints only as many layers as it needs")
+        return result
     notes: list[str] = []
 
     # vitune's own choices (models/loading.py, train/sft.py): auto = bf16 where the GPU has it
