@@ -19,7 +19,7 @@ from vitune.train.checkpoint import MARKER, STAGING, complete_checkpoints
 
 from conftest import ROOT, write_config
 
-STEPS = 24
+STEPS = 12
 
 
 def run_config(tmp_path: Path, model: Path, out: Path, **train) -> Path:
@@ -69,7 +69,7 @@ def test_kill_9_then_resume_is_bit_identical(reference, tiny_llama, tmp_path):
     out = tmp_path / "killed"
     config = run_config(tmp_path, tiny_llama, out)
     proc = start(config)
-    wait_for(out / "checkpoint-8" / MARKER, proc)
+    wait_for(out / "checkpoint-4" / MARKER, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "summary.json").exists()
@@ -88,18 +88,18 @@ def test_a_crash_inside_a_save_leaves_no_complete_checkpoint(reference, tiny_lla
     config = run_config(tmp_path, tiny_llama, out)
     real_write = checkpoint.write_marker
 
-    def crash_at_step_12(folder, *args):
-        if folder.name == "checkpoint-12":
+    def crash_at_step_8(folder, *args):
+        if folder.name == "checkpoint-8":
             raise OSError("disk full (simulated)")
         real_write(folder, *args)
 
-    monkeypatch.setattr(checkpoint, "write_marker", crash_at_step_12)
+    monkeypatch.setattr(checkpoint, "write_marker", crash_at_step_8)
     with pytest.raises(OSError, match="simulated"):
         main(["train", str(config)])
     monkeypatch.undo()
-    assert not (out / "checkpoint-12").exists()
-    assert (out / STAGING / "checkpoint-12").is_dir()  # the half-written one stays in staging
-    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4", "checkpoint-8"]
+    assert not (out / "checkpoint-8").exists()
+    assert (out / STAGING / "checkpoint-8").is_dir()  # the half-written one stays in staging
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4"]
     assert main(["train", str(config), "--set", "train.resume=auto"]) == 0
     assert same_weights(out, reference)
 
