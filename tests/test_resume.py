@@ -157,3 +157,15 @@ def test_same_seed_same_losses_with_lora_dropout(tiny_llama, tmp_path):
     config = run_config(tmp_path, tiny_llama, out, max_steps=6, save_steps=None, seed=7)
     assert main(["train", str(config), "--set", "method.type=lora", "--set", "method.lora.dropout=0.1"]) == 0
     assert losses(out) != runs[0]
+
+
+def test_two_processes_train_and_only_rank_0_writes(tiny_llama, tmp_path):
+    out = tmp_path / "two"
+    config = run_config(tmp_path, tiny_llama, out, max_steps=3, save_steps=None, micro_batch_size=1)
+    assert main(["train", str(config), "--nproc", "2"]) == 0
+    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3
+    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".yaml", ".jsonl")) == [
+        "config.json", "config.yaml", "data_report.json", "generation_config.json", "metrics.jsonl",
+        "summary.json", "tokenizer.json", "tokenizer_config.json"]
