@@ -147,7 +147,39 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
         prediction_loss_only=True,  # evaluation reports the loss; packed batches keep only trained logits
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
+        **scale_out_arguments(config),
     )
+
+
+def scale_out_arguments(config: RunConfig) -> dict:
+    """train.deepspeed / train.fsdp as TrainingArguments take them (the engines do the work)."""
+    import yaml
+
+    t = config.train
+    if t.deepspeed:
+        path = Path(t.deepspeed)
+        if not path.is_file():
+            raise UserError(f"train.deepspeed = {t.deepspeed}: file not found (see examples/deepspeed/)")
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        stage = settings.get("zero_optimization", {}).get("stage")
+        if config.method.type == "qlora" and stage == 3:
+            raise UserError(
+                f"train.deepspeed = {t.deepspeed}: QLoRA with ZeRO-3 shards 4-bit weights, which needs "
+                "bitsandbytes' quant storage set to the compute dtype; use ZeRO-2 (examples/deepspeed/zero2.json) "
+                "for QLoRA, or method.type: lora with ZeRO-3"
+            )
+        return {"deepspeed": str(path)}
+    if t.fsdp:
+        path = Path(t.fsdp)
+        if not path.is_file():
+            raise UserError(f"train.fsdp = {t.fsdp}: file not found (see examples/fsdp/)")
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(settings, dict) or "fsdp" not in settings:
+            raise UserError(f"train.fsdp = {t.fsdp}: expected a YAML mapping with fsdp: and fsdp_config: (see examples/fsdp/fsdp2.yaml)")
+        if config.method.type == "qlora":
+            raise UserError("train.fsdp with method.type: qlora is not supported yet; use method.type: lora, or DeepSpeed ZeRO-2")
+        return {"fsdp": settings["fsdp"], "fsdp_config": settings.get("fsdp_config", {})}
+    return {}
 
 
 @dataclass

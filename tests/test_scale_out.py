@@ -1,0 +1,59 @@
+"""train.deepspeed / train.fsdp reach TrainingArguments; incompatible combinations are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from vitune.config import validate_config
+from vitune.errors import UserError
+from vitune.train.sft import scale_out_arguments
+
+from conftest import ROOT
+
+
+def cfg(method="lora", **train):
+    return validate_config({"model": {"name_or_path": "m"}, "method": {"type": method},
+                            "data": {"train": [{"path": "x"}]}, "train": train})
+
+
+def test_shipped_engine_configs_are_passed_through():
+    zero2 = str(ROOT / "examples" / "deepspeed" / "zero2.json")
+    assert scale_out_arguments(cfg(deepspeed=zero2)) == {"deepspeed": zero2}
+    fsdp = scale_out_arguments(cfg(fsdp=str(ROOT / "examples" / "fsdp" / "fsdp2.yaml")))
+    assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["version"] == 2
+    assert scale_out_arguments(cfg()) == {}
+
+
+def test_qlora_with_zero3_or_fsdp_is_refused():
+    zero3 = str(ROOT / "examples" / "deepspeed" / "zero3_offload.json")
+    with pytest.raises(UserError, match="QLoRA with ZeRO-3 shards 4-bit weights"):
+        scale_out_arguments(cfg("qlora", deepspeed=zero3))
+    with pytest.raises(UserError, match="train.fsdp with method.type: qlora is not supported yet"):
+        scale_out_arguments(cfg("qlora", fsdp=str(ROOT / "examples" / "fsdp" / "fsdp2.yaml")))
+
+
+def test_missing_engine_file_and_both_engines():
+    with pytest.raises(UserError, match="train.deepspeed = nope.json: file not found"):
+        scale_out_arguments(cfg(deepspeed="nope.json"))
+    from vitune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="give either train.deepspeed or train.fsdp, not both"):
+        cfg(deepspeed="a.json", fsdp="b.yaml")
+
+
+def test_dry_run_prepares_and_estimates_without_training(tiny_llama, tmp_path, capsys):
+    from vitune.cli import main
+
+    from conftest import write_config
+
+    out = tmp_path / "run"
+    path = write_config(tmp_path / "run.yaml", model={"name_or_path": str(tiny_llama)},
+                        data={"train": [{"path": str(ROOT / "data" / "alpaca_vi.jsonl"), "max_samples": 8}]},
+                        train={"output_dir": str(out), "learning_rate": 5e-3})
+    assert main(["train", str(path), "--dry-run"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "data: 8 rows read, 8 kept, 0 rejected" in text
+    assert "advice train.learning_rate: 0.005 is outside 1e-6..1e-3" in text
+    assert "optimizer states" in text and "predicted" in text
+    assert f"dry run: the config, tokenizer and data of {path} are ready; nothing was trained" in text
+    assert not out.exists()
