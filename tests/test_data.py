@@ -213,3 +213,12 @@ def test_skipped_rows_survive_the_cache(tmp_path, tokenizer):
     assert second.from_cache
     assert second.rejected_by_reason == first.rejected_by_reason == {"missing field": 1}
     assert second.rejections[0].source == f"{path}:2"
+
+
+def test_num_proc_gives_the_same_rows_in_the_same_order(tmp_path, tokenizer):
+    rows = [{"instruction": f"Câu hỏi số {i}", "output": f"Câu trả lời số {i}."} for i in range(40)]
+    path = write_jsonl(tmp_path / "a.jsonl", rows)
+    one, _, _ = prepare_sft_data(data_config(path, cache=False), tokenizer, get_template("chatml"), 1)
+    two, _, report = prepare_sft_data(data_config(path, cache=False, num_proc=2), tokenizer, get_template("chatml"), 1)
+    assert [(r.input_ids, r.labels) for r in two] == [(r.input_ids, r.labels) for r in one]
+    assert report.rows_kept == 40

@@ -39,7 +39,7 @@ def test_learning_rate_outside_the_usual_range():
 
 def test_context_length_advice_and_error():
     (advice,) = advise(cfg(data={"max_length": 3000}), MODEL)
-    assert advice.text.startswith("3000: common context lengths are 1024, 2048, 4096, 8192 (the model accepts up to 4096)")
+    assert advice.text.startswith("3000: common context lengths are 512, 1024, 2048, 4096, 8192 (the model accepts up to 4096)")
     with pytest.raises(ConfigError) as info:
         check_max_length(cfg(data={"max_length": 8192}), MODEL)
     assert str(info.value) == (

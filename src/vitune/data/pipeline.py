@@ -174,12 +174,35 @@ def load_conversations(data: DataConfig, seed: int, report: DataReport) -> tuple
     return train, evaluation
 
 
+def _tokenize_chunk(args) -> list[TokenizedRow]:
+    convs, tokenizer, template, options = args
+    return tokenize_conversations(convs, tokenizer, template, **options)
+
+
+def _tokenize_in_processes(convs, tokenizer, template, options: dict, num_proc: int) -> list[TokenizedRow]:
+    """data.num_proc: contiguous chunks rendered and tokenised in worker processes, results in order.
+
+    Rendering is Python and runs on one core; the Rust encoder already uses every core within a
+    process, so this pays off when templates are slow (Jinja) or there are many cores.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    size = -(-len(convs) // num_proc)
+    chunks = [(convs[i : i + size], tokenizer, template, options) for i in range(0, len(convs), size)]
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(num_proc, mp_context=context) as pool:
+        return [row for part in pool.map(_tokenize_chunk, chunks) for row in part]
+
+
 def tokenize_split(
     convs: list[Conversation], tokenizer, template: Template, data: DataConfig, report: Optional[DataReport]
 ) -> list[TokenizedRow]:
-    rows = tokenize_conversations(
-        convs, tokenizer, template, train_on_prompt=data.train_on_prompt, mask_history=data.mask_history
-    )
+    options = dict(train_on_prompt=data.train_on_prompt, mask_history=data.mask_history)
+    if data.num_proc and data.num_proc > 1 and len(convs) >= 2 * data.num_proc:
+        rows = _tokenize_in_processes(convs, tokenizer, template, options, data.num_proc)
+    else:
+        rows = tokenize_conversations(convs, tokenizer, template, **options)
     kept: list[TokenizedRow] = []
     for conv, row in zip(convs, rows):
         fitted = fit_length(row, data.max_length, data.overflow)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from vitune.config import RunConfig
 from vitune.errors import ConfigError
 
-COMMON_CONTEXTS = (1024, 2048, 4096, 8192)
+COMMON_CONTEXTS = (512, 1024, 2048, 4096, 8192)
 
 
 @dataclass(frozen=True)
