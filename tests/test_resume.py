@@ -159,13 +159,16 @@ def test_same_seed_same_losses_with_lora_dropout(tiny_llama, tmp_path):
     assert losses(out) != runs[0]
 
 
-def test_two_processes_train_and_only_rank_0_writes(tiny_llama, tmp_path):
-    out = tmp_path / "two"
-    config = run_config(tmp_path, tiny_llama, out, max_steps=3, save_steps=None, micro_batch_size=1)
+def test_two_processes_give_the_losses_of_one_and_only_rank_0_writes(tiny_llama, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", str(run_config(tmp_path, tiny_llama, one, max_steps=3, save_steps=None, micro_batch_size=2))]) == 0
+    config = run_config(tmp_path, tiny_llama, two, max_steps=3, save_steps=None, micro_batch_size=1)
     assert main(["train", str(config), "--nproc", "2"]) == 0
-    assert [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 3
-    assert sorted(p.name for p in out.iterdir() if p.suffix in (".json", ".yaml", ".jsonl")) == [
+    # the same global batch (2 processes x 1 bin = 1 process x 2 bins): the same token-exact losses
+    assert losses(two).keys() == losses(one).keys() == {1, 2, 3}
+    assert all(abs(losses(two)[s] - losses(one)[s]) < 1e-4 for s in (1, 2, 3))
+    assert [r["step"] for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    assert json.loads((two / "summary.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in two.iterdir() if p.suffix in (".json", ".yaml", ".jsonl")) == [
         "config.json", "config.yaml", "data_report.json", "generation_config.json", "metrics.jsonl",
         "summary.json", "tokenizer.json", "tokenizer_config.json"]

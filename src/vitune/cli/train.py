@@ -65,14 +65,11 @@ def launch(config: Path, overrides: list[str], nproc: int) -> int:
     accelerate (not a launcher of ours) starts the processes and sets up torch.distributed:
     NCCL on GPUs, gloo on the CPU. Each rank trains on its share of every global batch.
     """
-    import torch
-
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc),
            "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
-    if torch.cuda.is_available():
-        cmd += ["--multi_gpu"]
-    else:
-        cmd += ["--cpu"]  # CPU processes with the gloo backend
+    # accelerate's multi-process launcher (torchrun); with no GPU vitune's TrainingArguments
+    # run on the CPU and torch.distributed uses gloo. (`--cpu` would start a single process.)
+    cmd += ["--multi_gpu"]
     cmd += ["-m", "vitune", "train", str(config)]
     for item in overrides:
         cmd += ["--set", item]
