@@ -125,7 +125,8 @@ def normalize_text(text: str, unicode: str = "NFC", vi_tone: str = "keep") -> st
     is `keep`, with the tone marks of oa/oe/uy open syllables in the `new` or `old` style.
     Unicode normalisation runs first, so decomposed input is converted too."""
     _check(unicode, vi_tone)
-    if unicode != "none":
+    # is_normalized is a fast check in C; most text is already NFC
+    if unicode != "none" and not unicodedata.is_normalized(unicode, text):
         text = unicodedata.normalize(unicode, text)
     if vi_tone == "new":
         text = _move_tones(text, _OLD_CLUSTER, _TO_NEW)
