@@ -8,15 +8,19 @@ template and any tokenizer, and re-tokenising the rendered text gives the same i
 
 from __future__ import annotations
 
+import logging
+import unicodedata
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
+from vitune.data import byte_bpe
 from vitune.data.records import Conversation
 from vitune.data.templates import Template
 
 IGNORE = -100
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -88,11 +92,12 @@ def tokenize_conversations(
     train_on_prompt: bool = False,
     mask_history: bool = False,
 ) -> list[TokenizedRow]:
-    """Render and tokenize conversations in one batched call of the Rust tokenizer.
+    """Render conversations and tokenize them in one batch, labels from the rendered spans.
 
-    `train_on_prompt` is one span over the whole text. The backend tokenizer is called
-    directly (same ids as `tokenizer(text, add_special_tokens=False)`), skipping the
-    per-token Python conversion of offsets that dominated preprocessing time.
+    `train_on_prompt` is one span over the whole text. Byte-level BPE tokenizers run on
+    tiktoken where it gives the same ids (see `byte_bpe`); the others, and rows tiktoken
+    cannot take, on the Rust `tokenizers` backend called directly (same ids as
+    `tokenizer(text, add_special_tokens=False)`).
     """
     if not convs:
         return []
@@ -101,6 +106,15 @@ def tokenize_conversations(
         rendered = template.render(conv, trained_turns(conv, False, mask_history))
         texts.append(rendered.text)
         spans.append([(0, len(rendered.text))] if train_on_prompt else rendered.spans)
+    encoder = byte_bpe.encoder_for(tokenizer)
+    if encoder is not None:
+        rows = _with_tiktoken(encoder, tokenizer, texts, spans)
+        if rows is not None:
+            return rows
+    return _with_tokenizers(tokenizer, texts, spans)
+
+
+def _with_tokenizers(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[TokenizedRow]:
     encodings = tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
     rows = []
     for enc, row_spans in zip(encodings, spans):
@@ -118,6 +132,53 @@ def tokenize_conversations(
             labels[i:j] = ids[i:j]
         rows.append(TokenizedRow(ids, labels))
     return rows
+
+
+# rows of a batch encoded by both engines and compared (at least the first one)
+CROSS_CHECKED_ROWS = 200
+
+
+def _with_tiktoken(encoder, tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> Optional[list[TokenizedRow]]:
+    """Rows from tiktoken, or None (after a notice) when it disagrees with `tokenizers`.
+
+    Rows it cannot take (not NFC for a tokenizer that composes text) go through `tokenizers`.
+    """
+    own = [not encoder.nfc or unicodedata.is_normalized("NFC", text) for text in texts]
+    ids_of = iter(encoder.encode([text for text, ok in zip(texts, own) if ok]))
+    others = iter(_with_tokenizers(tokenizer, [t for t, ok in zip(texts, own) if not ok],
+                                   [s for s, ok in zip(spans, own) if not ok]))
+    rows = []
+    for text, row_spans, ok in zip(texts, spans, own):
+        if not ok:
+            rows.append(next(others))
+            continue
+        ids = next(ids_of)
+        ends = encoder.cumulative_ends(ids)
+        ascii_text = text.isascii()
+        if (ends[-1] if ends else 0) != (len(text) if ascii_text else len(text.encode("utf-8"))):
+            return _disagree(tokenizer, f"tokens do not cover the text of row {len(rows) + 1}")
+        labels = [IGNORE] * len(ids)
+        for a, b in row_spans:
+            if b > a:
+                if not ascii_text:  # character positions -> byte positions
+                    a, b = len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))
+                i, j = encoder.token_range(ids, ends, a, b)
+                labels[i:j] = ids[i:j]
+        rows.append(TokenizedRow(ids, labels))
+    mine = [k for k, ok in enumerate(own) if ok]
+    sample = mine[:: max(1, len(mine) // CROSS_CHECKED_ROWS)]
+    reference = _with_tokenizers(tokenizer, [texts[k] for k in sample], [spans[k] for k in sample])
+    for k, ref in zip(sample, reference):
+        if rows[k] != ref:
+            return _disagree(tokenizer, f"row {k + 1} differs")
+    return rows
+
+
+def _disagree(tokenizer, what: str) -> None:
+    byte_bpe.disable(tokenizer)
+    log.warning("notice: tiktoken and tokenizers disagree for this tokenizer (%s); "
+                "tokenizing with tokenizers, which is slower", what)
+    return None
 
 
 def fit_length(row: TokenizedRow, max_length: int, overflow: str) -> Optional[TokenizedRow]:

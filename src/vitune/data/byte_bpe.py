@@ -1,0 +1,228 @@
+"""A faster engine for byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, BLOOM): tiktoken.
+
+Most of data preparation is spent in the tokenizer. For byte-level BPE vocabularies,
+tiktoken (OpenAI's Rust BPE, the engine Llama 3 was released with) gives the same ids as
+`tokenizers` at about a quarter of the CPU time, because it skips the per-piece
+bookkeeping `tokenizers` does for offsets and normalisation. We use it only where the two
+are the same by construction, checked from the tokenizer's own `tokenizer.json`:
+
+- model BPE without dropout, word prefixes/suffixes or byte fallback, every byte in the vocab;
+- no normaliser, or NFC (rows that are not NFC already go through `tokenizers`);
+- pre-tokenizer ByteLevel (GPT-2's pattern) or a regex Split followed by ByteLevel, with no
+  prefix space;
+- added tokens matched as plain strings (no lstrip, rstrip or single_word), none inside another.
+
+tiktoken has no offsets; a token's character range is rebuilt from the byte lengths of the
+tokens before it (byte-level tokens cover whole bytes of the text, in order), trimmed of
+spaces as the ByteLevel post-processor trims them, so masks follow the same rule as with
+`tokenizers`. Every row's tokens must cover its text to the byte, and a sample of rows is
+encoded by both engines and compared: any difference and the whole batch goes through
+`tokenizers` instead, with a notice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+# GPT-2's pre-tokenizer pattern: what ByteLevel(use_regex=True) splits with
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _byte_decoder() -> dict[str, int]:
+    """ByteLevel's printable stand-in character for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+@dataclass
+class ByteLevelEncoder:
+    """tiktoken set up as one byte-level BPE tokenizer, with what masks need per token id."""
+
+    encoding: object  # tiktoken.Encoding
+    nbytes: list[int]  # bytes each token id covers in the text
+    lead: list[int]  # spaces the ByteLevel post-processor trims from a token's start
+    trail: list[int]  # ... and from its end
+    trim: bool  # the post-processor trims offsets
+    trim_keeps_prefix_space: bool  # ByteLevel(add_prefix_space=True) keeps a first token's single space
+    nfc: bool  # the tokenizer composes text (NFC) first: only NFC rows can skip it
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        core, special = self.encoding._core_bpe, self.encoding.special_tokens_set
+        return [core.encode(text, special) for text in texts]
+
+    def token_range(self, ids: list[int], ends: list[int], start: int, end: int) -> tuple[int, int]:
+        """Tokens [i, j) whose (trimmed) byte range overlaps the byte range [start, end) of the text.
+
+        `ends` are the tokens' cumulative byte ends. Trimming only narrows ranges and keeps
+        them in order, so the overlapping tokens are one run: bisect the untrimmed ranges,
+        then drop edge tokens whose trimmed range no longer overlaps.
+        """
+        n = len(ids)
+        i = bisect_right(ends, start)
+        j = min(bisect_left(ends, end) + 1, n)
+        if self.trim:
+            while i < j and self._trimmed(ids, ends, i)[1] <= start:
+                i += 1
+            while j > i and self._trimmed(ids, ends, j - 1)[0] >= end:
+                j -= 1
+        return i, j
+
+    def _trimmed(self, ids: list[int], ends: list[int], k: int) -> tuple[int, int]:
+        # as tokenizers' ByteLevel post-processor: spaces off both ends, never past each other
+        begin = ends[k - 1] if k else 0
+        stop = ends[k]
+        lead, trail = self.lead[ids[k]], self.trail[ids[k]]
+        if lead == 1 and begin == 0 and self.trim_keeps_prefix_space:
+            lead = 0
+        begin = min(begin + lead, stop)
+        stop = max(stop - trail, begin) if trail else stop
+        return begin, stop
+
+    def cumulative_ends(self, ids: list[int]) -> list[int]:
+        return list(accumulate(map(self.nbytes.__getitem__, ids)))
+
+
+def _edge_spaces(text: str, chars: Optional[str] = None) -> tuple[int, int]:
+    """Characters of `chars` (default: whitespace) at the start and at the end of `text`."""
+    lead = len(text) - len(text.lstrip(chars))
+    trail = len(text) - len(text.rstrip(chars)) if lead < len(text) else lead
+    return lead, trail
+
+
+def _pattern(pre: Optional[dict]) -> Optional[str]:
+    """The split pattern of a byte-level pre-tokenizer, or None when it is not one we can match."""
+    if pre is None:
+        return None
+    if pre.get("type") == "ByteLevel":
+        return GPT2_PATTERN if pre.get("use_regex", True) and not pre.get("add_prefix_space") else None
+    if pre.get("type") != "Sequence" or len(pre.get("pretokenizers", [])) != 2:
+        return None
+    split, level = pre["pretokenizers"]
+    if level.get("type") != "ByteLevel" or level.get("use_regex", True) or level.get("add_prefix_space"):
+        return None
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert"):
+        return None
+    return split.get("pattern", {}).get("Regex")
+
+
+def _post_trim(post: Optional[dict]) -> tuple[bool, bool]:
+    """(trims offsets, keeps a first token's prefix space) of the ByteLevel post-processor, if any."""
+    if post is None:
+        return False, False
+    steps = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    for step in steps:
+        if step.get("type") == "ByteLevel" and step.get("trim_offsets", True):
+            return True, bool(step.get("add_prefix_space", True))
+    return False, False
+
+
+def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
+    """(encoder, "") when tiktoken can stand in for this tokenizer, else (None, why not)."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None, "tiktoken is not installed"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, "not a fast tokenizer"
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback"):
+        return None, "not a byte-level BPE model"
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None, "BPE with word prefixes or suffixes"
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        return None, f"normaliser {normalizer.get('type')}"
+    pattern = _pattern(spec.get("pre_tokenizer"))
+    if pattern is None:
+        return None, "pre-tokenizer is not ByteLevel"
+    added = spec.get("added_tokens") or []
+    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
+        return None, "added tokens with lstrip, rstrip or single_word"
+    contents = [t["content"] for t in added]
+    if any(a != b and a in b for a in contents for b in contents):
+        return None, "an added token inside another"
+
+    to_byte = _byte_decoder()
+    added_ids = {t["id"] for t in added}
+    ranks: dict[bytes, int] = {}
+    vocab = model.get("vocab") or {}
+    for token, index in vocab.items():
+        if index in added_ids:
+            continue  # split out before BPE runs; never produced by merges
+        try:
+            ranks[bytes(to_byte[ch] for ch in token)] = index
+        except KeyError:
+            return None, f"vocab token {token!r} is not byte-level"
+    if len(ranks) != len(set(ranks.values())) or any(bytes([b]) not in ranks for b in range(256)):
+        return None, "vocab lacks a byte or repeats one"
+    # BPE applies merges in list order, tiktoken in order of the merged token's id: the same
+    # only when ids grow with the merge order
+    merged = []
+    for pair in model.get("merges") or []:
+        left, right = pair if isinstance(pair, list) else pair.split(" ", 1)
+        merged.append(vocab.get(left + right, -1))
+    if any(b < a for a, b in zip(merged, merged[1:])) or -1 in merged:
+        return None, "merge order differs from id order"
+
+    size = max([*vocab.values(), *added_ids], default=0) + 1
+    nbytes, lead, trail = [0] * size, [0] * size, [0] * size
+    for token, index in vocab.items():
+        raw = bytes(to_byte[ch] for ch in token) if index not in added_ids else b""
+        nbytes[index] = len(raw)
+        lead[index], trail[index] = _edge_spaces(token, "Ġ")  # a space's stand-in character
+    for t in added:
+        nbytes[t["id"]] = len(t["content"].encode("utf-8"))
+        lead[t["id"]], trail[t["id"]] = _edge_spaces(t["content"])
+    try:
+        encoding = tiktoken.Encoding(
+            name="vitune", pat_str=pattern, mergeable_ranks=ranks, special_tokens={t["content"]: t["id"] for t in added}
+        )
+    except Exception as exc:  # a pattern tiktoken's regex engine does not take
+        return None, f"tiktoken cannot use it ({exc})"
+    trim, keep_prefix = _post_trim(spec.get("post_processor"))
+    return ByteLevelEncoder(encoding, nbytes, lead, trail, trim, keep_prefix, normalizer is not None), ""
+
+
+def encoder_for(tokenizer) -> Optional[ByteLevelEncoder]:
+    """The tiktoken stand-in for `tokenizer`, built once per tokenizer set-up; None when unsafe."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    key = (
+        backend.get_vocab_size(with_added_tokens=True),
+        repr(backend.normalizer), repr(backend.pre_tokenizer), repr(backend.post_processor), repr(backend.model),
+    )
+    cached = getattr(tokenizer, "_vitune_byte_bpe", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    encoder, why = build(tokenizer)
+    if encoder is None:
+        log.debug("tokenizing with tokenizers: %s", why)
+    try:
+        tokenizer._vitune_byte_bpe = (key, encoder)
+    except AttributeError:
+        pass
+    return encoder
+
+
+def disable(tokenizer) -> None:
+    """Stop using tiktoken for `tokenizer` (after it disagreed with `tokenizers`)."""
+    cached = getattr(tokenizer, "_vitune_byte_bpe", None)
+    if cached is not None:
+        tokenizer._vitune_byte_bpe = (cached[0], None)
