@@ -3,9 +3,11 @@
 Both tokenise the same N ShareGPT-style conversations (built deterministically from the
 bundled data) with the same tokenizer and chat template, training only on assistant turns
 (TRL: `assistant_only_loss=True`, which reads the template's {% generation %} markers).
-Each side is timed from the JSON Lines file on disk to token ids and labels in memory.
-The script prints rows/s for both, the ratio, and checks that input ids and labels agree
-on a sample of rows.
+Each side is timed from the JSON Lines file on disk to token ids and labels in memory
+(vitune's time includes setting up its tiktoken engine from the tokenizer). The script prints
+rows/s for both, the ratio, and checks that input ids and labels agree on a sample of rows.
+vitune runs a second time with its tiktoken engine off (the `tokenizers` backend only), to
+show what each part contributes.
 
     python benchmarks/tokenize_vs_trl.py --rows 20000
 """
@@ -13,6 +15,7 @@ on a sample of rows.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import random
@@ -65,11 +68,18 @@ def run_trl(path: Path, tokenizer, max_length: int):
     return seconds, ids, masks
 
 
-def run_vitune(path: Path, tokenizer, max_length: int):
+def run_vitune(path: Path, tokenizer, max_length: int, tiktoken: bool = True):
+    """vitune from the file to rows; `tiktoken=False` switches its engine off (tokenizers only)."""
     from vitune.config import DataConfig
+    from vitune.data import byte_bpe
     from vitune.data.pipeline import prepare_sft_data
     from vitune.data.templates import resolve_template
 
+    tokenizer = copy.copy(tokenizer)  # no engine left set up by an earlier run
+    tokenizer.__dict__.pop("_vitune_byte_bpe", None)
+    if not tiktoken:
+        byte_bpe.encoder_for(tokenizer)  # set up (not timed), then switched off
+        byte_bpe.disable(tokenizer)
     started = time.perf_counter()
     cfg = DataConfig(train=[{"path": str(path), "format": "messages"}], max_length=max_length,
                      overflow="truncate", cache=False)
@@ -110,6 +120,10 @@ def main() -> int:
 
     trl_s, trl_ids, trl_masks = run_trl(path, tokenizer, args.max_length)
     vit_s, rows, report = run_vitune(path, tokenizer, args.max_length)
+    hf_s, hf_rows, _ = run_vitune(path, tokenizer, args.max_length, tiktoken=False)
+    from vitune.data.byte_bpe import build
+
+    engine, why = build(tokenizer)
 
     # vitune shuffles rows by seed; match rows by their ids to compare the same conversations
     by_ids = {tuple(r.input_ids): r.labels for r in rows}
@@ -133,9 +147,12 @@ def main() -> int:
     print(f"versions: transformers {transformers.__version__}, trl {trl.__version__}, tokenizers {tokenizers.__version__}")
     print(f"TRL SFTTrainer preprocessing : {args.rows / trl_s:10.0f} rows/s ({trl_s:.1f} s)")
     print(f"vitune prepare_sft_data      : {args.rows / vit_s:10.0f} rows/s ({vit_s:.1f} s)")
-    print(f"ratio vitune / TRL           : {trl_s / vit_s:10.1f}x")
+    print(f"ratio vitune / TRL           : {trl_s / vit_s:10.1f}x   (vitune engine: "
+          f"{'tiktoken' if engine else 'tokenizers, ' + why})")
+    print(f"vitune, tokenizers only      : {args.rows / hf_s:10.0f} rows/s ({hf_s:.1f} s), "
+          f"{trl_s / hf_s:.1f}x TRL, same rows as with tiktoken: {hf_rows == rows}")
     print(f"sample of {compared} rows: same input ids {same_ids}, same labels {same_labels}")
-    return 0 if same_ids == compared and same_labels == compared else 1
+    return 0 if same_ids == compared and same_labels == compared and hf_rows == rows else 1
 
 
 if __name__ == "__main__":

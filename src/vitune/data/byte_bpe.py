@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from bisect import bisect_left, bisect_right
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
-from typing import Optional
+from typing import Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +37,30 @@ log = logging.getLogger(__name__)
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
-def _byte_decoder() -> dict[str, int]:
-    """ByteLevel's printable stand-in character for each byte -> the byte."""
+def _byte_table() -> dict[int, str]:
+    """str.translate table: ByteLevel's stand-in character for each byte -> that byte as a
+    Latin-1 character. Other characters below 256 map above it, so that a token which is not
+    byte-level fails to encode as Latin-1."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
+    table = {c: "\uffff" for c in range(256)}
+    extra = 0
     for b in range(256):
         if b in printable:
-            chars[chr(b)] = b
+            table[b] = chr(b)
         else:
-            chars[chr(256 + extra)] = b
+            table[256 + extra] = chr(b)
             extra += 1
-    return chars
+    return table
+
+
+BYTE_TABLE = _byte_table()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -63,6 +78,17 @@ class ByteLevelEncoder:
     def encode(self, texts: list[str]) -> list[list[int]]:
         core, special = self.encoding._core_bpe, self.encoding.special_tokens_set
         return [core.encode(text, special) for text in texts]
+
+    def encode_iter(self, texts: list[str], chunk: int = 512) -> Iterator[list[int]]:
+        """The ids of each text, in order, encoded by one thread per core (tiktoken releases
+        the GIL while it encodes), so the caller can work on early rows meanwhile."""
+        threads = _cores()
+        if threads < 2 or len(texts) <= chunk:
+            yield from self.encode(texts)
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            for part in pool.map(self.encode, [texts[i : i + chunk] for i in range(0, len(texts), chunk)]):
+                yield from part
 
     def token_range(self, ids: list[int], ends: list[int], start: int, end: int) -> tuple[int, int]:
         """Tokens [i, j) whose (trimmed) byte range overlaps the byte range [start, end) of the text.
@@ -158,34 +184,29 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
     if any(a != b and a in b for a in contents for b in contents):
         return None, "an added token inside another"
 
-    to_byte = _byte_decoder()
     added_ids = {t["id"] for t in added}
-    ranks: dict[bytes, int] = {}
     vocab = model.get("vocab") or {}
-    for token, index in vocab.items():
-        if index in added_ids:
-            continue  # split out before BPE runs; never produced by merges
-        try:
-            ranks[bytes(to_byte[ch] for ch in token)] = index
-        except KeyError:
-            return None, f"vocab token {token!r} is not byte-level"
-    if len(ranks) != len(set(ranks.values())) or any(bytes([b]) not in ranks for b in range(256)):
+    try:  # tokens added to the vocab are split out before BPE runs, never produced by merges
+        ranks = {token.translate(BYTE_TABLE).encode("latin-1"): index for token, index in vocab.items()
+                 if index not in added_ids}
+    except UnicodeEncodeError:
+        return None, "vocab tokens that are not byte-level"
+    if len(ranks) != len(vocab) - len(added_ids & set(vocab.values())) or any(bytes([b]) not in ranks for b in range(256)):
         return None, "vocab lacks a byte or repeats one"
     # BPE applies merges in list order, tiktoken in order of the merged token's id: the same
     # only when ids grow with the merge order
-    merged = []
-    for pair in model.get("merges") or []:
-        left, right = pair if isinstance(pair, list) else pair.split(" ", 1)
-        merged.append(vocab.get(left + right, -1))
-    if any(b < a for a, b in zip(merged, merged[1:])) or -1 in merged:
+    merges = model.get("merges") or []
+    merged = [vocab.get("".join(pair) if isinstance(pair, list) else pair.replace(" ", "", 1), -1) for pair in merges]
+    if -1 in merged or any(b < a for a, b in zip(merged, merged[1:])):
         return None, "merge order differs from id order"
 
     size = max([*vocab.values(), *added_ids], default=0) + 1
     nbytes, lead, trail = [0] * size, [0] * size, [0] * size
-    for token, index in vocab.items():
-        raw = bytes(to_byte[ch] for ch in token) if index not in added_ids else b""
+    for raw, index in ranks.items():
         nbytes[index] = len(raw)
-        lead[index], trail[index] = _edge_spaces(token, "Ġ")  # a space's stand-in character
+    for token, index in vocab.items():
+        if token[:1] == "Ġ" or token[-1:] == "Ġ":  # a space's stand-in character
+            lead[index], trail[index] = _edge_spaces(token, "Ġ")
     for t in added:
         nbytes[t["id"]] = len(t["content"].encode("utf-8"))
         lead[t["id"]], trail[t["id"]] = _edge_spaces(t["content"])
@@ -206,7 +227,8 @@ def encoder_for(tokenizer) -> Optional[ByteLevelEncoder]:
         return None
     key = (
         backend.get_vocab_size(with_added_tokens=True),
-        repr(backend.normalizer), repr(backend.pre_tokenizer), repr(backend.post_processor), repr(backend.model),
+        backend.get_vocab_size(with_added_tokens=False),
+        repr(backend.normalizer), repr(backend.pre_tokenizer), repr(backend.post_processor),
     )
     cached = getattr(tokenizer, "_vitune_byte_bpe", None)
     if cached is not None and cached[0] == key:

@@ -144,7 +144,7 @@ def _with_tiktoken(encoder, tokenizer, texts: list[str], spans: list[list[tuple[
     Rows it cannot take (not NFC for a tokenizer that composes text) go through `tokenizers`.
     """
     own = [not encoder.nfc or unicodedata.is_normalized("NFC", text) for text in texts]
-    ids_of = iter(encoder.encode([text for text, ok in zip(texts, own) if ok]))
+    ids_of = encoder.encode_iter([text for text, ok in zip(texts, own) if ok])
     others = iter(_with_tokenizers(tokenizer, [t for t, ok in zip(texts, own) if not ok],
                                    [s for s, ok in zip(spans, own) if not ok]))
     rows = []
