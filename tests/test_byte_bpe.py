@@ -3,14 +3,15 @@ used only where it is safe, and dropped with a notice where it is not."""
 
 from __future__ import annotations
 
+import json
 import logging
 import unicodedata
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tokenizers import Regex, normalizers, pre_tokenizers, processors
-from transformers import AddedToken, AutoTokenizer
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+from transformers import AddedToken, AutoTokenizer, PreTrainedTokenizerFast
 
 from test_real_tokenizers import PROPERTY, conversations, template_markers
 from test_templates import REFERENCE
@@ -147,7 +148,7 @@ def test_a_disagreement_falls_back_to_tokenizers_with_a_notice(tiny_tokenizer, m
     with caplog.at_level(logging.WARNING):
         rows = tokenize_conversations([REFERENCE, REFERENCE], tiny_tokenizer, template)
     assert caplog.messages == [
-        "notice: tiktoken and tokenizers disagree for this tokenizer (row 1 differs); tokenizing with tokenizers, which is slower"
+        "notice: tiktoken cannot stand in for this tokenizer (row 1 differs); tokenizing with tokenizers, which is slower"
     ]
     ids = tiny_tokenizer(template.render(REFERENCE, [True] * 4).text, add_special_tokens=False).input_ids
     assert [row.input_ids for row in rows] == [ids, ids]
@@ -162,8 +163,20 @@ def test_text_the_pattern_leaves_out_is_caught(tiny_tokenizer, caplog):
     ])
     with caplog.at_level(logging.WARNING):
         rows = tokenize_conversations([REFERENCE], tiny_tokenizer, get_template("llama3"))
-    assert caplog.messages == ["notice: tiktoken and tokenizers disagree for this tokenizer (tokens do not cover "
+    assert caplog.messages == ["notice: tiktoken cannot stand in for this tokenizer (tokens do not cover "
                                "the text of row 1); tokenizing with tokenizers, which is slower"]
     rendered = get_template("llama3").render(REFERENCE, [True] * 4)
     assert rows == tokenize._with_tokenizers(tiny_tokenizer, [rendered.text], [rendered.spans])
     assert rows[0].input_ids == tiny_tokenizer(rendered.text, add_special_tokens=False).input_ids
+
+
+def test_merges_out_of_id_order_stay_on_tokenizers(tiny_llama):
+    # BPE applies merges in list order and tiktoken by merged id: swapping two merges makes them differ
+    spec = json.loads(AutoTokenizer.from_pretrained(tiny_llama).backend_tokenizer.to_str())
+    merges = spec["model"]["merges"]
+    merges[0], merges[1] = merges[1], merges[0]
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)))
+    assert byte_bpe.build(tok) == (None, "merge order differs from id order")
+    rows = tokenize_conversations([REFERENCE], tok, get_template("llama3"))
+    rendered = get_template("llama3").render(REFERENCE, [True] * 4)
+    assert rows == tokenize._with_tokenizers(tok, [rendered.text], [rendered.spans])

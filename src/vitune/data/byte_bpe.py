@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from bisect import bisect_left, bisect_right
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,10 +75,14 @@ class ByteLevelEncoder:
     trim: bool  # the post-processor trims offsets
     trim_keeps_prefix_space: bool  # ByteLevel(add_prefix_space=True) keeps a first token's single space
     nfc: bool  # the tokenizer composes text (NFC) first: only NFC rows can skip it
+    special_finder: Optional[re.Pattern]  # finds the added tokens in a text (None: there are none)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        core, special = self.encoding._core_bpe, self.encoding.special_tokens_set
-        return [core.encode(text, special) for text in texts]
+        # tiktoken converts the set of allowed special tokens on every call (Llama 3 has 256):
+        # pass only those present in these texts (a NUL between texts ends any match)
+        core = self.encoding._core_bpe
+        present = set(self.special_finder.findall("\0".join(texts))) if self.special_finder else set()
+        return [core.encode(text, present) for text in texts]
 
     def encode_iter(self, texts: list[str], chunk: int = 512) -> Iterator[list[int]]:
         """The ids of each text, in order, encoded by one thread per core (tiktoken releases
@@ -156,68 +161,107 @@ def _post_trim(post: Optional[dict]) -> tuple[bool, bool]:
     return False, False
 
 
+def _state(component) -> Optional[dict]:
+    """A tokenizer component (normaliser, pre-tokenizer, ...) as its tokenizer.json entry."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
 def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
-    """(encoder, "") when tiktoken can stand in for this tokenizer, else (None, why not)."""
+    """(encoder, "") when tiktoken can stand in for this tokenizer, else (None, why not).
+
+    Set-up reads the tokenizer's parts, not its whole tokenizer.json; the merge list (280k
+    pairs for Llama 3, about half a second) only to check that merges run in id order.
+    """
     try:
         import tiktoken
+        from tokenizers.models import BPE
     except ImportError:
         return None, "tiktoken is not installed"
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None, "not a fast tokenizer"
-    spec = json.loads(backend.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback"):
+    model = backend.model
+    if not isinstance(model, BPE) or model.dropout or model.byte_fallback:
         return None, "not a byte-level BPE model"
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+    if model.continuing_subword_prefix or model.end_of_word_suffix:
         return None, "BPE with word prefixes or suffixes"
-    normalizer = spec.get("normalizer")
+    normalizer = _state(backend.normalizer)
     if normalizer is not None and normalizer.get("type") != "NFC":
         return None, f"normaliser {normalizer.get('type')}"
-    pattern = _pattern(spec.get("pre_tokenizer"))
+    pattern = _pattern(_state(backend.pre_tokenizer))
     if pattern is None:
         return None, "pre-tokenizer is not ByteLevel"
-    added = spec.get("added_tokens") or []
-    if any(t.get("lstrip") or t.get("rstrip") or t.get("single_word") for t in added):
+    added = backend.get_added_tokens_decoder()  # id -> AddedToken
+    if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
         return None, "added tokens with lstrip, rstrip or single_word"
-    contents = [t["content"] for t in added]
+    contents = [t.content for t in added.values()]
     if any(a != b and a in b for a in contents for b in contents):
         return None, "an added token inside another"
 
-    added_ids = {t["id"] for t in added}
-    vocab = model.get("vocab") or {}
+    vocab = backend.get_vocab(with_added_tokens=False)
     try:  # tokens added to the vocab are split out before BPE runs, never produced by merges
         ranks = {token.translate(BYTE_TABLE).encode("latin-1"): index for token, index in vocab.items()
-                 if index not in added_ids}
+                 if index not in added}
     except UnicodeEncodeError:
         return None, "vocab tokens that are not byte-level"
-    if len(ranks) != len(vocab) - len(added_ids & set(vocab.values())) or any(bytes([b]) not in ranks for b in range(256)):
+    if len(ranks) != len(vocab) - len(added.keys() & set(vocab.values())) or any(bytes([b]) not in ranks for b in range(256)):
         return None, "vocab lacks a byte or repeats one"
-    # BPE applies merges in list order, tiktoken in order of the merged token's id: the same
-    # only when ids grow with the merge order
-    merges = model.get("merges") or []
-    merged = [vocab.get("".join(pair) if isinstance(pair, list) else pair.replace(" ", "", 1), -1) for pair in merges]
-    if -1 in merged or any(b < a for a, b in zip(merged, merged[1:])):
-        return None, "merge order differs from id order"
 
-    size = max([*vocab.values(), *added_ids], default=0) + 1
+    why = _merge_order_differs(model.__getstate__(), vocab)
+    if why:
+        return None, why
+
+    size = max([*vocab.values(), *added], default=0) + 1
     nbytes, lead, trail = [0] * size, [0] * size, [0] * size
     for raw, index in ranks.items():
         nbytes[index] = len(raw)
     for token, index in vocab.items():
         if token[:1] == "Ġ" or token[-1:] == "Ġ":  # a space's stand-in character
             lead[index], trail[index] = _edge_spaces(token, "Ġ")
-    for t in added:
-        nbytes[t["id"]] = len(t["content"].encode("utf-8"))
-        lead[t["id"]], trail[t["id"]] = _edge_spaces(t["content"])
+    for index, t in added.items():
+        nbytes[index] = len(t.content.encode("utf-8"))
+        lead[index], trail[index] = _edge_spaces(t.content)
     try:
-        encoding = tiktoken.Encoding(
-            name="vitune", pat_str=pattern, mergeable_ranks=ranks, special_tokens={t["content"]: t["id"] for t in added}
-        )
+        encoding = tiktoken.Encoding(name="vitune", pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens={t.content: index for index, t in added.items()})
     except Exception as exc:  # a pattern tiktoken's regex engine does not take
         return None, f"tiktoken cannot use it ({exc})"
-    trim, keep_prefix = _post_trim(spec.get("post_processor"))
-    return ByteLevelEncoder(encoding, nbytes, lead, trail, trim, keep_prefix, normalizer is not None), ""
+    trim, keep_prefix = _post_trim(_state(backend.post_processor))
+    finder = re.compile(_trie_pattern(contents)) if contents else None
+    return ByteLevelEncoder(encoding, nbytes, lead, trail, trim, keep_prefix, normalizer is not None, finder), ""
+
+
+def _merge_order_differs(model_json: bytes, vocab: dict[str, int]) -> str:
+    """BPE applies merges in list order, tiktoken in order of the merged token's id: the same
+    only when ids grow with the merge order. "" when they do, else why not."""
+    merges = json.loads(model_json).get("merges") or []
+    merged = [vocab.get("".join(pair) if isinstance(pair, list) else pair.replace(" ", "", 1), -1) for pair in merges]
+    if -1 in merged or any(b < a for a, b in zip(merged, merged[1:])):
+        return "merge order differs from id order"
+    return ""
+
+
+def _trie_pattern(words: list[str]) -> str:
+    """A regex matching any of `words`, written as a trie ("<\\|(?:eot_id\\|>|im_end\\|>)"), which
+    Python's regex engine scans far faster than a flat alternation of hundreds of tokens."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        ends = "" in node
+        branches = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if ends:  # a word may stop here (unused while no added token is inside another)
+            body = "(?:" + body + ")?"
+        return body
+
+    return emit(trie)
 
 
 def encoder_for(tokenizer) -> Optional[ByteLevelEncoder]:
@@ -244,7 +288,7 @@ def encoder_for(tokenizer) -> Optional[ByteLevelEncoder]:
 
 
 def disable(tokenizer) -> None:
-    """Stop using tiktoken for `tokenizer` (after it disagreed with `tokenizers`)."""
+    """Stop using tiktoken for `tokenizer` (it cannot stand in for `tokenizers` after all)."""
     cached = getattr(tokenizer, "_vitune_byte_bpe", None)
     if cached is not None:
         tokenizer._vitune_byte_bpe = (cached[0], None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,9 +74,12 @@ def _normalize(conv: Conversation, settings: NormalizeSettings) -> bool:
     if settings.unicode == "none" and settings.vi_tone == "keep":
         return False
     changed = False
+    form_only = settings.vi_tone == "keep" and settings.unicode != "none"
 
     def norm(text: str) -> str:
         nonlocal changed
+        if form_only and unicodedata.is_normalized(settings.unicode, text):
+            return text  # most text is already NFC: one check in C, nothing else
         out, diff = normalize_with_change(text, settings.unicode, settings.vi_tone)
         changed |= diff
         return out

@@ -139,7 +139,7 @@ CROSS_CHECKED_ROWS = 200
 
 
 def _with_tiktoken(encoder, tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> Optional[list[TokenizedRow]]:
-    """Rows from tiktoken, or None (after a notice) when it disagrees with `tokenizers`.
+    """Rows from tiktoken, or None (after a notice) when it cannot stand in for `tokenizers`.
 
     Rows it cannot take (not NFC for a tokenizer that composes text) go through `tokenizers`.
     """
@@ -156,7 +156,7 @@ def _with_tiktoken(encoder, tokenizer, texts: list[str], spans: list[list[tuple[
         ends = encoder.cumulative_ends(ids)
         ascii_text = text.isascii()
         if (ends[-1] if ends else 0) != (len(text) if ascii_text else len(text.encode("utf-8"))):
-            return _disagree(tokenizer, f"tokens do not cover the text of row {len(rows) + 1}")
+            return _fall_back(tokenizer, f"tokens do not cover the text of row {len(rows) + 1}")
         labels = [IGNORE] * len(ids)
         for a, b in row_spans:
             if b > a:
@@ -170,13 +170,13 @@ def _with_tiktoken(encoder, tokenizer, texts: list[str], spans: list[list[tuple[
     reference = _with_tokenizers(tokenizer, [texts[k] for k in sample], [spans[k] for k in sample])
     for k, ref in zip(sample, reference):
         if rows[k] != ref:
-            return _disagree(tokenizer, f"row {k + 1} differs")
+            return _fall_back(tokenizer, f"row {k + 1} differs")
     return rows
 
 
-def _disagree(tokenizer, what: str) -> None:
+def _fall_back(tokenizer, what: str) -> None:
     byte_bpe.disable(tokenizer)
-    log.warning("notice: tiktoken and tokenizers disagree for this tokenizer (%s); "
+    log.warning("notice: tiktoken cannot stand in for this tokenizer (%s); "
                 "tokenizing with tokenizers, which is slower", what)
     return None
 
