@@ -1,9 +1,10 @@
 """Conversations -> token ids and labels, with the loss mask taken from the rendering itself.
 
-The template gives the rendered text and the character spans the model learns; one batched
-call of the fast tokenizer gives each token's character offsets; a token carries a label
-when it overlaps a trained span. No token ids are guessed, so the mask is right for any
-template and any tokenizer, and re-tokenising the rendered text gives the same ids.
+The template gives the rendered text and the character spans the model learns; the tokenizer
+gives each token's place in that text (character offsets from `tokenizers`, or byte lengths
+from tiktoken for byte-level BPE, see `byte_bpe`); a token carries a label when it overlaps a
+trained span. No token ids are guessed, so the mask is right for any template and any
+tokenizer, and re-tokenising the rendered text gives the same ids.
 """
 
 from __future__ import annotations
