@@ -57,6 +57,7 @@ def test_sentencepiece_vocabularies_stay_on_tokenizers(llama_spm):
      "pre-tokenizer is not ByteLevel"),
     (lambda t: t.add_tokens([AddedToken("<tool>", lstrip=True)]), "added tokens with lstrip, rstrip or single_word"),
     (lambda t: t.add_tokens([AddedToken("<|eot_id|>x")]), "an added token inside another"),
+    (lambda t: t.add_tokens([AddedToken("[<|eot_id|>]")]), "an added token inside another"),
 ])
 def test_setups_tiktoken_cannot_match_say_why(tiny_tokenizer, change, why):
     change(tiny_tokenizer)
@@ -155,19 +156,33 @@ def test_a_disagreement_falls_back_to_tokenizers_with_a_notice(tiny_tokenizer, m
     assert byte_bpe.encoder_for(tiny_tokenizer) is None  # not tried again for this tokenizer
 
 
-def test_text_the_pattern_leaves_out_is_caught(tiny_tokenizer, caplog):
-    # tokenizers keeps text between a Split's matches as pieces of its own; tiktoken drops it
+def test_text_between_the_patterns_matches_is_a_piece_as_in_tokenizers(tiny_tokenizer, caplog):
+    # BLOOM's Split pattern leaves out spaces and punctuation; tokenizers keeps the text between
+    # two matches as a piece of its own, and so does vitune's pattern for tiktoken
     tiny_tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{L}+"), behavior="isolated"),
+        pre_tokenizers.Split(Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
+    texts = ["Xin chào, bạn!  Hôm nay\n\n trời đẹp... (thật) 42?<|eot_id|>"]
+    fast, reference = both_engines(tiny_tokenizer, texts, [[(5, 30)]])
+    assert fast == reference
+    with caplog.at_level(logging.WARNING):
+        rows = tokenize_conversations([REFERENCE], tiny_tokenizer, get_template("llama3"))
+    assert caplog.messages == [] and byte_bpe.encoder_for(tiny_tokenizer) is not None
+    rendered = get_template("llama3").render(REFERENCE, [True] * 4)
+    assert rows == tokenize._with_tokenizers(tiny_tokenizer, [rendered.text], [rendered.spans])
+
+
+def test_tokens_that_do_not_cover_the_text_are_caught(tiny_tokenizer, monkeypatch, caplog):
+    encoder = byte_bpe.encoder_for(tiny_tokenizer)
+    real_encode = encoder.encode
+    monkeypatch.setattr(encoder, "encode", lambda texts: [ids[:-1] for ids in real_encode(texts)])
     with caplog.at_level(logging.WARNING):
         rows = tokenize_conversations([REFERENCE], tiny_tokenizer, get_template("llama3"))
     assert caplog.messages == ["notice: tiktoken cannot stand in for this tokenizer (tokens do not cover "
                                "the text of row 1); tokenizing with tokenizers, which is slower"]
     rendered = get_template("llama3").render(REFERENCE, [True] * 4)
     assert rows == tokenize._with_tokenizers(tiny_tokenizer, [rendered.text], [rendered.spans])
-    assert rows[0].input_ids == tiny_tokenizer(rendered.text, add_special_tokens=False).input_ids
 
 
 def test_merges_out_of_id_order_stay_on_tokenizers(tiny_llama):

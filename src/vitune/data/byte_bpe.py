@@ -4,13 +4,14 @@ Most of data preparation is spent in the tokenizer. For byte-level BPE vocabular
 tiktoken (OpenAI's Rust BPE, the engine Llama 3 was released with) gives the same ids as
 `tokenizers` at about a quarter of the CPU time, because it skips the per-piece
 bookkeeping `tokenizers` does for offsets and normalisation. We use it only where the two
-are the same by construction, checked from the tokenizer's own `tokenizer.json`:
+are the same by construction, checked from the tokenizer's own set-up (its tokenizer.json):
 
 - model BPE without dropout, word prefixes/suffixes or byte fallback, every byte in the vocab;
 - no normaliser, or NFC (rows that are not NFC already go through `tokenizers`);
 - pre-tokenizer ByteLevel (GPT-2's pattern) or a regex Split followed by ByteLevel, with no
   prefix space;
-- added tokens matched as plain strings (no lstrip, rstrip or single_word), none inside another.
+- added tokens matched as plain strings (no lstrip, rstrip or single_word), none inside another;
+- merges in id order (BPE applies them in list order, tiktoken by the merged token's id).
 
 tiktoken has no offsets; a token's character range is rebuilt from the byte lengths of the
 tokens before it (byte-level tokens cover whole bytes of the text, in order), trimmed of
@@ -147,7 +148,13 @@ def _pattern(pre: Optional[dict]) -> Optional[str]:
         return None
     if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert"):
         return None
-    return split.get("pattern", {}).get("Regex")
+    pattern = split.get("pattern", {}).get("Regex")
+    if pattern is None:
+        return None
+    # tokenizers keeps the text between two matches as a piece of its own (BLOOM's pattern
+    # leaves out spaces and punctuation); tiktoken would drop it. The second branch matches
+    # that text: a run of characters where the pattern does not match.
+    return f"(?:{pattern})|(?:(?!(?:{pattern}))[\\s\\S])+"
 
 
 def _post_trim(post: Optional[dict]) -> tuple[bool, bool]:
@@ -195,7 +202,11 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
     if any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
         return None, "added tokens with lstrip, rstrip or single_word"
     contents = [t.content for t in added.values()]
-    if any(a != b and a in b for a in contents for b in contents):
+    finder = re.compile(_trie_pattern(contents)) if contents else None
+    # one token starting another sorts right before it; one inside another is found by
+    # searching each token past its first character
+    ordered = sorted(contents)
+    if any(b.startswith(a) for a, b in zip(ordered, ordered[1:])) or any(finder.search(c, 1) for c in contents):
         return None, "an added token inside another"
 
     vocab = backend.get_vocab(with_added_tokens=False)
@@ -227,7 +238,6 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
     except Exception as exc:  # a pattern tiktoken's regex engine does not take
         return None, f"tiktoken cannot use it ({exc})"
     trim, keep_prefix = _post_trim(_state(backend.post_processor))
-    finder = re.compile(_trie_pattern(contents)) if contents else None
     return ByteLevelEncoder(encoding, nbytes, lead, trail, trim, keep_prefix, normalizer is not None, finder), ""
 
 
@@ -257,7 +267,7 @@ def _trie_pattern(words: list[str]) -> str:
         if not branches:
             return ""
         body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-        if ends:  # a word may stop here (unused while no added token is inside another)
+        if ends:  # a word may stop here: it starts another word
             body = "(?:" + body + ")?"
         return body
 
