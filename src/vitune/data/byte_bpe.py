@@ -226,18 +226,20 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
     nbytes, lead, trail = [0] * size, [0] * size, [0] * size
     for raw, index in ranks.items():
         nbytes[index] = len(raw)
-    for token, index in vocab.items():
-        if token[:1] == "Ġ" or token[-1:] == "Ġ":  # a space's stand-in character
-            lead[index], trail[index] = _edge_spaces(token, "Ġ")
     for index, t in added.items():
         nbytes[index] = len(t.content.encode("utf-8"))
-        lead[index], trail[index] = _edge_spaces(t.content)
+    trim, keep_prefix = _post_trim(_state(backend.post_processor))
+    if trim:
+        for token, index in vocab.items():
+            if token[:1] == "Ġ" or token[-1:] == "Ġ":  # a space's stand-in character
+                lead[index], trail[index] = _edge_spaces(token, "Ġ")
+        for index, t in added.items():
+            lead[index], trail[index] = _edge_spaces(t.content)
     try:
         encoding = tiktoken.Encoding(name="vitune", pat_str=pattern, mergeable_ranks=ranks,
                                      special_tokens={t.content: index for index, t in added.items()})
     except Exception as exc:  # a pattern tiktoken's regex engine does not take
         return None, f"tiktoken cannot use it ({exc})"
-    trim, keep_prefix = _post_trim(_state(backend.post_processor))
     return ByteLevelEncoder(encoding, nbytes, lead, trail, trim, keep_prefix, normalizer is not None, finder), ""
 
 
@@ -245,7 +247,8 @@ def _merge_order_differs(model_json: bytes, vocab: dict[str, int]) -> str:
     """BPE applies merges in list order, tiktoken in order of the merged token's id: the same
     only when ids grow with the merge order. "" when they do, else why not."""
     merges = json.loads(model_json).get("merges") or []
-    merged = [vocab.get("".join(pair) if isinstance(pair, list) else pair.replace(" ", "", 1), -1) for pair in merges]
+    joined = map("".join, merges) if merges and isinstance(merges[0], list) else (m.replace(" ", "", 1) for m in merges)
+    merged = [vocab.get(token, -1) for token in joined]
     if -1 in merged or any(b < a for a, b in zip(merged, merged[1:])):
         return "merge order differs from id order"
     return ""
