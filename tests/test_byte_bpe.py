@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import time
 import unicodedata
 
 import pytest
@@ -195,3 +198,52 @@ def test_merges_out_of_id_order_stay_on_tokenizers(tiny_llama):
     rows = tokenize_conversations([REFERENCE], tok, get_template("llama3"))
     rendered = get_template("llama3").render(REFERENCE, [True] * 4)
     assert rows == tokenize._with_tokenizers(tok, [rendered.text], [rendered.spans])
+
+
+# ---------------------------------------------------------------- set-up while the data is read
+
+
+def test_the_merge_check_runs_in_a_forked_process_started_early(tiny_llama):
+    spec = json.loads(AutoTokenizer.from_pretrained(tiny_llama).backend_tokenizer.to_str())
+    swapped = json.loads(json.dumps(spec))
+    swapped["model"]["merges"][:2] = swapped["model"]["merges"][1::-1]
+    for model, verdict in [(spec, ("", True)), (swapped, ("merge order differs from id order", False))]:
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(model)))
+        byte_bpe.start_setup(tok)
+        check = tok._vitune_merge_check
+        assert check._process.pid != os.getpid()
+        encoder, why = byte_bpe.build(tok)
+        assert (why, encoder is not None) == verdict
+        assert check.result() == verdict[0] and not hasattr(tok, "_vitune_merge_check")
+
+
+def test_a_failed_check_process_is_checked_again_in_place(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(byte_bpe, "_merge_check_child", lambda backend, send: os._exit(1))
+    byte_bpe.start_setup(tiny_tokenizer)
+    assert tiny_tokenizer._vitune_merge_check.result() is None  # the child died without a verdict
+    assert byte_bpe.build(tiny_tokenizer)[1] == ""
+
+
+def test_a_tokenizer_with_a_running_check_pickles_for_worker_processes(tiny_tokenizer):
+    byte_bpe.start_setup(tiny_tokenizer)
+    copy = pickle.loads(pickle.dumps(tiny_tokenizer))
+    assert copy._vitune_merge_check.result() == ""
+    assert byte_bpe.build(copy)[1] == ""
+
+
+def test_start_setup_skips_what_is_not_byte_level_bpe(llama_spm, tiny_tokenizer):
+    byte_bpe.start_setup(llama_spm)
+    assert not hasattr(llama_spm, "_vitune_merge_check")
+    byte_bpe.encoder_for(tiny_tokenizer)
+    byte_bpe.start_setup(tiny_tokenizer)  # set up already
+    assert not hasattr(tiny_tokenizer, "_vitune_merge_check")
+
+
+def test_a_stuck_check_process_is_stopped_and_checked_in_place(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(byte_bpe, "CHECK_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(byte_bpe, "_merge_check_child", lambda backend, send: time.sleep(60))
+    byte_bpe.start_setup(tiny_tokenizer)
+    process = tiny_tokenizer._vitune_merge_check._process
+    started = time.monotonic()
+    assert byte_bpe.build(tiny_tokenizer)[1] == "" and time.monotonic() - started < 10
+    assert not process.is_alive()

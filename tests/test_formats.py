@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vitune.data.formats import RowProblem, detect_format, parse_preference, parse_text
+from vitune.data.formats import RowProblem, detect_format, parse_preference, parse_sharegpt, parse_text
 from vitune.data.records import Message, Preference, Text
 
 
@@ -69,3 +69,21 @@ def test_text_or_preference_rows_in_an_sft_run_are_a_one_line_error(tmp_path):
         f"{path}:1: preference (chosen/rejected) rows cannot train stage sft; give instruction or conversation data "
         "(alpaca, sharegpt, messages), or set format: explicitly if detection chose preference"
     )
+
+
+@pytest.mark.parametrize("turn, reason, detail", [
+    ({"from": ["gpt"], "value": "x"}, "unknown role",
+     "conversations[2] has role ['gpt']; use human/user, gpt/assistant or system"),
+    ({"from": "GPT", "value": 42}, "wrong type", "field 'conversations[2].value' must be a string, got int"),
+    ({"from": "gpt", "value": "  \n"}, "empty content", "field 'conversations[2].value' is empty"),
+])
+def test_bad_turns_name_the_turn_and_field(turn, reason, detail):
+    with pytest.raises(RowProblem) as info:
+        parse_sharegpt({"conversations": [{"from": "human", "value": "Chào"}, turn]}, {})
+    assert (info.value.reason, info.value.detail) == (reason, detail)
+
+
+def test_roles_in_any_case_and_an_empty_system_turn():
+    conv = parse_sharegpt({"conversations": [{"from": "System", "value": ""}, {"from": "Human", "value": "Chào"},
+                                             {"from": "GPT", "value": "Xin chào!"}]}, {})
+    assert (conv.system, [(m.role, m.content) for m in conv.messages]) == ("", [("user", "Chào"), ("assistant", "Xin chào!")])

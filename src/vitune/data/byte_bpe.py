@@ -177,7 +177,8 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
     """(encoder, "") when tiktoken can stand in for this tokenizer, else (None, why not).
 
     Set-up reads the tokenizer's parts, not its whole tokenizer.json; the merge list (280k
-    pairs for Llama 3, about half a second) only to check that merges run in id order.
+    pairs for Llama 3, most of a second) only to check that merges run in id order, in a
+    process `start_setup` forked earlier when there is one.
     """
     try:
         import tiktoken
@@ -218,7 +219,10 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
     if len(ranks) != len(vocab) - len(added.keys() & set(vocab.values())) or any(bytes([b]) not in ranks for b in range(256)):
         return None, "vocab lacks a byte or repeats one"
 
-    why = _merge_order_differs(model.__getstate__(), vocab)
+    started = tokenizer.__dict__.pop("_vitune_merge_check", None)
+    why = started.result() if started is not None else None
+    if why is None:  # not started early, or its process failed: check here
+        why = _merge_order_differs(model.__getstate__(), vocab)
     if why:
         return None, why
 
@@ -241,6 +245,69 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
     except Exception as exc:  # a pattern tiktoken's regex engine does not take
         return None, f"tiktoken cannot use it ({exc})"
     return ByteLevelEncoder(encoding, nbytes, lead, trail, trim, keep_prefix, normalizer is not None, finder), ""
+
+
+def start_setup(tokenizer) -> None:
+    """Start the slowest part of the set-up, the merge-order check, in a forked process, so
+    it runs on another core while the caller reads its data; `build` collects the verdict.
+    Does nothing where fork is unavailable, or for a tokenizer already set up or not BPE."""
+    import multiprocessing
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or hasattr(tokenizer, "_vitune_byte_bpe") or "fork" not in multiprocessing.get_all_start_methods():
+        return
+    from tokenizers.models import BPE
+
+    if isinstance(backend.model, BPE) and _pattern(_state(backend.pre_tokenizer)) is not None:
+        try:
+            tokenizer._vitune_merge_check = _MergeCheck(backend)
+        except (AttributeError, OSError):  # cannot hold the attribute, or cannot fork: check in build
+            pass
+
+
+CHECK_TIMEOUT_S = 60
+
+
+class _MergeCheck:
+    """`_merge_order_differs` in a forked child. `result()`: its verdict, or None when the child
+    failed. Pickles (e.g. into data.num_proc workers) as a finished check."""
+
+    def __init__(self, backend):
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        self._verdict: Optional[str] = None
+        self._receive, send = context.Pipe(duplex=False)
+        self._process = context.Process(target=_merge_check_child, args=(backend, send), daemon=True)
+        self._process.start()
+        send.close()
+
+    def result(self) -> Optional[str]:
+        if self._process is not None:
+            try:  # a second or so; a child stuck on a lock another thread held at fork gives up
+                self._verdict = self._receive.recv() if self._receive.poll(CHECK_TIMEOUT_S) else None
+            except (EOFError, OSError):
+                self._verdict = None
+            if self._verdict is None:
+                self._process.kill()
+            self._process.join()
+            self._receive.close()
+            self._process = None
+        return self._verdict
+
+    def __reduce__(self):
+        return _finished_check, (self.result(),)
+
+
+def _finished_check(verdict: Optional[str]) -> "_MergeCheck":
+    check = _MergeCheck.__new__(_MergeCheck)
+    check._verdict, check._process = verdict, None
+    return check
+
+
+def _merge_check_child(backend, send) -> None:
+    send.send(_merge_order_differs(backend.model.__getstate__(), backend.get_vocab(with_added_tokens=False)))
+    send.close()
 
 
 def _merge_order_differs(model_json: bytes, vocab: dict[str, int]) -> str:

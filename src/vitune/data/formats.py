@@ -82,13 +82,17 @@ def _turns(turns, field: str, role_key: str, content_key: str, system: Optional[
         if role_key not in turn or content_key not in turn:
             missing = role_key if role_key not in turn else content_key
             raise RowProblem("missing field", f"{field}[{n}] has no {missing!r}")
-        role = ROLE_NAMES.get(str(turn[role_key]).lower())
+        raw_role = turn[role_key]
+        role = (ROLE_NAMES.get(raw_role) if type(raw_role) is str else None) or ROLE_NAMES.get(str(raw_role).lower())
         if role is None:
             raise RowProblem(
                 "unknown role",
-                f"{field}[{n}] has role {turn[role_key]!r}; use human/user, gpt/assistant or system",
+                f"{field}[{n}] has role {raw_role!r}; use human/user, gpt/assistant or system",
             )
-        content = _text(turn[content_key], f"{field}[{n}].{content_key}", allow_empty=(role == "system"))
+        content = turn[content_key]
+        if type(content) is not str or not (content.strip() or role == "system"):
+            # the usual case skips building the field name: it is only needed for the message
+            _text(content, f"{field}[{n}].{content_key}", allow_empty=(role == "system"))
         if role == "system":
             if messages:
                 raise RowProblem("roles out of order", f"{field}[{n}] is a system message after the first turn")

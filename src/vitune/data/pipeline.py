@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from vitune.config import DataConfig, DatasetSpec, NormalizeSettings
-from vitune.data import cache
+from vitune.data import byte_bpe, cache
 from vitune.data.formats import PARSERS, RowProblem, detect_format
 from vitune.data.normalize import normalize_with_change
 from vitune.data.records import Conversation, Rejection
@@ -248,6 +248,7 @@ def prepare_sft_data(data: DataConfig, tokenizer, template: Template, seed: int)
 
 
 def _prepare(data: DataConfig, tokenizer, template: Template, seed: int):
+    byte_bpe.start_setup(tokenizer)  # its slow part runs on another core while the rows are read
     report = DataReport()
     train_convs, eval_convs = load_conversations(data, seed, report)
     train = tokenize_split(train_convs, tokenizer, template, data, report)
