@@ -247,3 +247,10 @@ def test_a_stuck_check_process_is_stopped_and_checked_in_place(tiny_tokenizer, m
     started = time.monotonic()
     assert byte_bpe.build(tiny_tokenizer)[1] == "" and time.monotonic() - started < 10
     assert not process.is_alive()
+
+
+def test_no_fork_off_linux(tiny_tokenizer, monkeypatch):
+    monkeypatch.setattr(byte_bpe.sys, "platform", "darwin")
+    byte_bpe.start_setup(tiny_tokenizer)
+    assert not hasattr(tiny_tokenizer, "_vitune_merge_check")
+    assert byte_bpe.build(tiny_tokenizer)[1] == ""  # checked in place

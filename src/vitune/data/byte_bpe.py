@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import sys
 from bisect import bisect_left, bisect_right
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -250,11 +251,10 @@ def build(tokenizer) -> tuple[Optional[ByteLevelEncoder], str]:
 def start_setup(tokenizer) -> None:
     """Start the slowest part of the set-up, the merge-order check, in a forked process, so
     it runs on another core while the caller reads its data; `build` collects the verdict.
-    Does nothing where fork is unavailable, or for a tokenizer already set up or not BPE."""
-    import multiprocessing
-
+    Does nothing off Linux (fork is unsafe on macOS, absent on Windows), or for a tokenizer
+    already set up or not BPE."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or hasattr(tokenizer, "_vitune_byte_bpe") or "fork" not in multiprocessing.get_all_start_methods():
+    if backend is None or hasattr(tokenizer, "_vitune_byte_bpe") or not sys.platform.startswith("linux"):
         return
     from tokenizers.models import BPE
 
