@@ -254,3 +254,18 @@ def test_no_fork_off_linux(tiny_tokenizer, monkeypatch):
     byte_bpe.start_setup(tiny_tokenizer)
     assert not hasattr(tiny_tokenizer, "_vitune_merge_check")
     assert byte_bpe.build(tiny_tokenizer)[1] == ""  # checked in place
+
+
+def test_an_error_inside_tiktoken_falls_back_with_a_notice(tiny_tokenizer, monkeypatch, caplog):
+    encoder = byte_bpe.encoder_for(tiny_tokenizer)
+
+    def broken(texts):
+        raise RuntimeError("regex backtrack limit")
+
+    monkeypatch.setattr(encoder, "encode", broken)
+    with caplog.at_level(logging.WARNING):
+        rows = tokenize_conversations([REFERENCE], tiny_tokenizer, get_template("llama3"))
+    assert caplog.messages == ["notice: tiktoken cannot stand in for this tokenizer (tiktoken failed: RuntimeError: "
+                               "regex backtrack limit); tokenizing with tokenizers, which is slower"]
+    rendered = get_template("llama3").render(REFERENCE, [True] * 4)
+    assert rows == tokenize._with_tokenizers(tiny_tokenizer, [rendered.text], [rendered.spans])

@@ -145,6 +145,15 @@ def _with_tiktoken(encoder, tokenizer, texts: list[str], spans: list[list[tuple[
     Rows it cannot take (not NFC for a tokenizer that composes text) go through `tokenizers`.
     """
     own = [not encoder.nfc or unicodedata.is_normalized("NFC", text) for text in texts]
+    try:
+        return _tiktoken_rows(encoder, tokenizer, texts, spans, own)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # a Rust panic in tiktoken arrives as pyo3's PanicException (a BaseException)
+        return _fall_back(tokenizer, f"tiktoken failed: {type(exc).__name__}: {exc}")
+
+
+def _tiktoken_rows(encoder, tokenizer, texts, spans, own: list[bool]) -> Optional[list[TokenizedRow]]:
     ids_of = encoder.encode_iter([text for text, ok in zip(texts, own) if ok])
     others = iter(_with_tokenizers(tokenizer, [t for t, ok in zip(texts, own) if not ok],
                                    [s for s, ok in zip(spans, own) if not ok]))
