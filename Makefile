@@ -1,6 +1,9 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   builds a tiny model, fine-tunes it on the bundled Vietnamese data, chats with it
 #   make test   runs the test suite (CPU only)
+# Installs are reproducible: constraints.txt holds the versions the suite last passed with, and
+# `make install` keeps to them. `make test-latest` tests the newest versions pyproject.toml
+# allows, in a venv of its own (.venv-latest); `make constraints` records a passing venv's versions.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,17 +12,18 @@ BIN    := $(VENV)/bin
 # PIP_EXTRA_INDEX_URL at PyTorch's CPU wheel index, or set TORCH_SPEC yourself.
 HAS_GPU    := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all test-latest fuzz constraints clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -e ".[test]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +36,19 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
+
+# the newest releases the ranges in pyproject.toml admit, without constraints.txt
+test-latest:
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
+# a longer fuzzing run than the suite's (FUZZ_EXAMPLES cases per property)
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	VITUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -m "" tests/fuzz
+
+# after a green `make test-latest`: record its versions as the new constraints
+constraints:
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -viE '^(torch|triton|nvidia-)' > constraints.txt
 
 clean:
 	rm -rf runs .pytest_cache

@@ -75,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _other_error(exc: Exception) -> int:
-    import click
-
-    if isinstance(exc, click.exceptions.ClickException):  # usage errors are user errors too
+    # Click's usage errors are user errors too. Match them by class name along the MRO, not by
+    # isinstance against `click`: typer 0.29 vendors click as `typer._click`, whose classes are
+    # not click's, and a later typer may move them again.
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "ClickException" in names and hasattr(exc, "show"):
         exc.show()
-        return 2
-    if isinstance(exc, click.exceptions.Abort):
+        return getattr(exc, "exit_code", 2)
+    if "Abort" in names:
         return 130
     raise exc
 
