@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from real_assets import llama_bpe, llama_spm, qwen2, real_chat_template, real_tokenizer  # noqa: F401 (fixtures)
+from real_assets import llama_bpe, llama_spm, qwen2, real_chat_template, real_tokenizer, sdist_chat_templates  # noqa: F401 (fixtures)
 from vitune.cli import quiet_libraries
 
 quiet_libraries()

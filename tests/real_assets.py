@@ -34,6 +34,7 @@ CHAT_TEMPLATES = {
     "qwen2.5": "Qwen-Qwen2.5-7B-Instruct.jinja",
     "mistral-nemo": "mistralai-Mistral-Nemo-Instruct-2407.jinja",
 }
+ALL_TEMPLATES = "templates"  # every *.jinja of models/templates/, for tests/test_all_chat_templates.py
 # Tokenizers the tests use: name -> its GGUF vocab (set up by _match_original). Each one
 # reproduces the reference ids that llama.cpp recorded with the model's own Hugging Face
 # tokenizer, except `llama-spm`: transformers 5's own set-up of a Llama/Mistral SentencePiece
@@ -75,7 +76,7 @@ def asset_dir() -> Path:
     """The folder holding the extracted files; downloads and extracts them on first use."""
     folder = cache_root() / "files"
     wanted = _wanted_files()
-    if all((folder / name).is_file() for name in wanted.values()):
+    if all((folder / name).is_file() for name in wanted.values()) and (folder / ALL_TEMPLATES / ".complete").is_file():
         return folder
     if _failure:
         raise AssetsUnavailable(_failure[0])
@@ -103,22 +104,37 @@ def _download_and_extract(folder: Path, wanted: dict[str, str]) -> None:
                 "or point VITUNE_TEST_CACHE at a folder that already holds the files"
             )
         folder.mkdir(parents=True, exist_ok=True)
-        found = set()
+        found, templates = set(), 0
         with tarfile.open(archives[0], "r:gz") as tar:
             for member in tar:
                 inner = member.name.split("/", 1)[-1]  # drop "llama_cpp_python-0.3.36/"
-                if inner not in wanted or not member.isfile():
+                if not member.isfile():
                     continue
-                source = tar.extractfile(member)
-                # write aside and rename, so a concurrent run never reads half a file
-                partial = folder / (wanted[inner] + f".part{os.getpid()}")
-                with open(partial, "wb") as out:
-                    shutil.copyfileobj(source, out)
-                os.replace(partial, folder / wanted[inner])
-                found.add(inner)
+                if inner.startswith(MODELS + "templates/") and inner.endswith(".jinja"):
+                    _extract(tar, member, folder / ALL_TEMPLATES / inner.rsplit("/", 1)[1])
+                    templates += 1
+                if inner in wanted:
+                    _extract(tar, member, folder / wanted[inner])
+                    found.add(inner)
     missing = sorted(set(wanted) - found)
     if missing:
         raise AssetsUnavailable(f"{SDIST} no longer holds {', '.join(missing)}")
+    (folder / ALL_TEMPLATES / ".complete").write_text(str(templates), encoding="utf-8")
+
+
+def _extract(tar, member, target: Path) -> None:
+    # write aside and rename, so a concurrent run never reads half a file
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + f".part{os.getpid()}")
+    with open(partial, "wb") as out:
+        shutil.copyfileobj(tar.extractfile(member), out)
+    os.replace(partial, target)
+
+
+def all_chat_templates() -> dict[str, str]:
+    """Every chat template of llama.cpp's models/templates/ folder: file name (less .jinja) -> source."""
+    folder = asset_dir() / ALL_TEMPLATES
+    return {p.name[: -len(".jinja")]: p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.jinja"))}
 
 
 def chat_template_source(name: str) -> str:
@@ -229,6 +245,12 @@ def real_tokenizer():
 def real_chat_template():
     """`real_chat_template(name)` -> the Jinja source of a real model's template (CHAT_TEMPLATES)."""
     return lambda name: _or_skip(chat_template_source, name)
+
+
+@pytest.fixture(scope="session")
+def sdist_chat_templates():
+    """{name: Jinja source} of every chat template in llama.cpp's models/templates/."""
+    return _or_skip(all_chat_templates)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tokenizers import processors
 
 from real_assets import TOKENIZERS, reference_ids, with_chat_template
-from test_templates import A1, A2, REFERENCE, SYSTEM, TRAINED
+from test_templates import A1, A2, Q1, Q2, REFERENCE, SYSTEM, TRAINED
 from vitune.data.records import Conversation, Message
 from vitune.data.templates import TEMPLATES, JinjaTemplate, get_template, resolve_template
 from vitune.data.tokenize import IGNORE, tokenize_conversations, trained_turns
@@ -174,7 +174,7 @@ def test_auto_template_trains_the_answers_with_their_end_of_turn(
     tok = auto_tokenizer(real_tokenizer, real_chat_template, template_name, tokenizer_name)
     template = resolve_template("auto", tok)
     assert isinstance(template, JinjaTemplate)
-    # Mistral-Nemo's template has no place for a system prompt in a conversation that ends with an answer
+    # Mistral-Nemo's template leaves a system prompt out of a conversation that ends with an answer
     conv = REFERENCE if template_name != "mistral-nemo" else Conversation(REFERENCE.messages)
     (row,) = tokenize_conversations([conv], tok, template)
     assert trained_texts(tok, row) == [A1 + end, A2 + end]
@@ -193,17 +193,24 @@ def test_llama31_dates_the_system_turn_and_the_answers_are_still_found(llama_bpe
     assert [rendered.text[a:b] for a, b in rendered.spans] == [A1 + "<|eot_id|>", A2 + "<|eot_id|>"]
 
 
-def test_mistral_nemo_with_a_system_prompt_is_a_clear_error(llama_spm, real_chat_template):
+def test_mistral_nemo_leaves_system_prompts_out_so_such_rows_are_refused_with_the_fix(llama_spm, real_chat_template):
+    # Mistral-Nemo writes the system prompt only before the last user turn of a conversation
+    # that ends there: training on answers would silently lose it
     tok = with_chat_template(llama_spm, real_chat_template("mistral-nemo"))
-    conv = Conversation(REFERENCE.messages, system=SYSTEM, source="chat.jsonl:3")
-    with pytest.raises(ConfigError) as info:
-        tokenize_conversations([conv], tok, resolve_template("auto", tok))
-    assert str(info.value) == (
-        "chat.jsonl:3: the tokenizer's chat template places the system prompt according to how the conversation "
-        "ends (Mistral-Nemo's puts it in the last user turn only and drops it when an answer comes last), so "
-        "conversations with a system prompt cannot be trained with it; remove the system prompts from the data "
-        "or choose a built-in template with model.template"
-    )
+    template = resolve_template("auto", tok)
+    assert template.notices == [
+        "the chat template takes no system prompt: the chat template leaves the system prompt out unless the "
+        "conversation ends with a user turn (as Mistral-Nemo's does); rows with one are rejected as 'template "
+        "refused' unless data.system_prompt is fold (into the first user turn) or drop"
+    ]
+    (refusal,) = tokenize_conversations([REFERENCE], tok, template, keep_refusals=True)
+    assert (refusal.reason, refusal.detail) == ("template refused", (
+        "the chat template leaves the system prompt out unless the conversation ends with a user turn (as "
+        "Mistral-Nemo's does); it takes no system prompt: set data.system_prompt: fold (into the first user turn) or drop"))
+    # its prefixes render differently, so the answers are found in the whole rendering by their text
+    rendered = template.render(Conversation(REFERENCE.messages), [False, True, False, True])
+    assert rendered.text == f"<s>[INST]{Q1}[/INST]{A1}</s>[INST]{Q2}[/INST]{A2}</s>"
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [A1 + "</s>", A2 + "</s>"]
 
 
 # ---------------------------------------------------------------- any conversation (property)

@@ -110,6 +110,12 @@ class DataConfig(Section):
     )
     train_on_prompt: bool = False
     mask_history: bool = False
+    system_prompt: Literal["keep", "fold", "drop"] = Field(
+        "keep",
+        description="System prompts in the data: keep (a system turn, where the template writes it), fold "
+        "(into the first user turn, a blank line after it: for templates that take none, such as Gemma's) "
+        "or drop (removed). Folded and dropped prompts are counted in the data report.",
+    )
     normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
     on_error: Literal["raise", "skip"] = "raise"
     num_proc: Optional[int] = Field(None, gt=0)

@@ -41,6 +41,7 @@ def inspect(
     rows, eval_rows, report = prepare_sft_data(cfg.data, tokenizer, template, cfg.train.seed)
     stats = statistics(report, rows, eval_rows)
     stats["template"] = template.name
+    stats["template_notices"] = list(template.notices)
     if as_json:
         typer.echo(json.dumps(stats, ensure_ascii=False))
         return
@@ -59,6 +60,8 @@ def inspect(
     p = stats["length_percentiles"]
     table.add_row("row length p50 / p90 / p99 / max", f"{p['p50']} / {p['p90']} / {p['p99']} / {p['max']}")
     console.print(table)
+    for notice in template.notices:
+        console.print(f"[yellow]notice[/] template: {notice}")
     for line in stats["first_rejections"]:
         console.print(f"[red]rejected[/] {line}")
     if report.from_cache:

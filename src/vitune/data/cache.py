@@ -21,7 +21,7 @@ from vitune.data.records import Rejection
 from vitune.data.sources import resolve_files
 from vitune.data.tokenize import TokenizedRow
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: auto templates locate answers anew and may add EOS
 
 
 def default_cache_dir() -> Path:

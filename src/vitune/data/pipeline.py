@@ -22,7 +22,7 @@ from vitune.data.formats import PARSERS, RowProblem, detect_format
 from vitune.data.normalize import normalize_with_change
 from vitune.data.records import Conversation, Rejection
 from vitune.data.sources import read_rows
-from vitune.data.templates import Template
+from vitune.data.templates import Template, TemplateRefused
 from vitune.data.tokenize import IGNORE, TokenizedRow, fit_length, tokenize_conversations
 from vitune.errors import DataError
 
@@ -33,6 +33,8 @@ class DataReport:
     rows_kept: int = 0
     rows_truncated: int = 0
     rows_normalized: int = 0  # rows whose text normalisation (Unicode form or tone marks) changed
+    system_prompts_folded: int = 0  # data.system_prompt: fold
+    system_prompts_dropped: int = 0  # data.system_prompt: drop
     rejections: list[Rejection] = field(default_factory=list)
     total_tokens: int = 0
     trained_tokens: int = 0
@@ -63,6 +65,8 @@ class DataReport:
             "rejected_by_reason": self.rejected_by_reason,
             "rows_truncated": self.rows_truncated,
             "rows_normalized": self.rows_normalized,
+            "system_prompts_folded": self.system_prompts_folded,
+            "system_prompts_dropped": self.system_prompts_dropped,
             "total_tokens": self.total_tokens,
             "trained_tokens": self.trained_tokens,
             "trained_token_fraction": round(self.trained_token_fraction, 4),
@@ -91,6 +95,19 @@ def _normalize(conv: Conversation, settings: NormalizeSettings) -> bool:
     if conv.system is not None:
         conv.system = norm(conv.system)
     return changed
+
+
+def _place_system_prompt(conv: Conversation, mode: str, report: DataReport) -> None:
+    """data.system_prompt: fold it into the first user turn, or drop it (both counted)."""
+    if conv.system is None or mode == "keep":
+        return
+    first = next((m for m in conv.messages if m.role == "user"), None)
+    if mode == "fold" and first is not None:
+        first.content = f"{conv.system}\n\n{first.content}" if conv.system.strip() else first.content
+        report.system_prompts_folded += 1
+    else:
+        report.system_prompts_dropped += 1
+    conv.system = None
 
 
 def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) -> list[Conversation]:
@@ -126,6 +143,7 @@ def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) 
             continue
         conv.source = raw.source
         report.rows_normalized += _normalize(conv, data.normalize)
+        _place_system_prompt(conv, data.system_prompt, report)
         convs.append(conv)
     return convs
 
@@ -202,13 +220,17 @@ def _tokenize_in_processes(convs, tokenizer, template, options: dict, num_proc: 
 def tokenize_split(
     convs: list[Conversation], tokenizer, template: Template, data: DataConfig, report: Optional[DataReport]
 ) -> list[TokenizedRow]:
-    options = dict(train_on_prompt=data.train_on_prompt, mask_history=data.mask_history)
+    options = dict(train_on_prompt=data.train_on_prompt, mask_history=data.mask_history, keep_refusals=True)
     if data.num_proc and data.num_proc > 1 and len(convs) >= 2 * data.num_proc:
         rows = _tokenize_in_processes(convs, tokenizer, template, options, data.num_proc)
     else:
         rows = tokenize_conversations(convs, tokenizer, template, **options)
     kept: list[TokenizedRow] = []
     for conv, row in zip(convs, rows):
+        if isinstance(row, TemplateRefused):
+            if report is not None:
+                report.rejections.append(Rejection(conv.source, row.reason, row.detail))
+            continue
         fitted = fit_length(row, data.max_length, data.overflow)
         problem = None
         if fitted is None:

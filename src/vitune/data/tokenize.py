@@ -18,7 +18,7 @@ import numpy as np
 
 from vitune.data import byte_bpe
 from vitune.data.records import Conversation
-from vitune.data.templates import Template
+from vitune.data.templates import Template, TemplateRefused
 
 IGNORE = -100
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def tokenize_conversations(
     *,
     train_on_prompt: bool = False,
     mask_history: bool = False,
+    keep_refusals: bool = False,
 ) -> list[TokenizedRow]:
     """Render conversations and tokenize them in one batch, labels from the rendered spans.
 
@@ -99,14 +100,33 @@ def tokenize_conversations(
     tiktoken where it gives the same ids (see `byte_bpe`); the others, and rows tiktoken
     cannot take, on the Rust `tokenizers` backend called directly (same ids as
     `tokenizer(text, add_special_tokens=False)`).
+
+    A conversation the template refuses raises `TemplateRefused`; with `keep_refusals` the
+    refusal takes the row's place in the list instead, so the caller can count it.
     """
     if not convs:
         return []
-    texts, spans = [], []
-    for conv in convs:
-        rendered = template.render(conv, trained_turns(conv, False, mask_history))
+    texts, spans, refused = [], [], {}
+    for k, conv in enumerate(convs):
+        try:
+            rendered = template.render(conv, trained_turns(conv, False, mask_history))
+        except TemplateRefused as exc:
+            if not keep_refusals:
+                raise
+            refused[k] = exc
+            continue
         texts.append(rendered.text)
         spans.append([(0, len(rendered.text))] if train_on_prompt else rendered.spans)
+    rows = _tokenize_texts(tokenizer, texts, spans)
+    if refused:
+        done = iter(rows)
+        rows = [refused[k] if k in refused else next(done) for k in range(len(convs))]
+    return rows
+
+
+def _tokenize_texts(tokenizer, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[TokenizedRow]:
+    if not texts:
+        return []
     encoder = byte_bpe.encoder_for(tokenizer)
     if encoder is not None:
         rows = _with_tiktoken(encoder, tokenizer, texts, spans)

@@ -214,6 +214,8 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
     # The tokenizer and template come first: the data is rendered and tokenised with them.
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     template = resolve_template(config.model.template, tokenizer)
+    for notice in template.notices:
+        console.print(f"[yellow]notice[/] template: {notice}", highlight=False)
     model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
     check_max_length(config, model_config)
     with state.main_process_first():  # rank 0 fills the cache, the others read it
