@@ -5,8 +5,8 @@ the model learns (each assistant turn with its end-of-turn marker). Built-in tem
 render in Python (fast, spans known while writing) and export an equivalent Jinja
 `chat_template` that is saved with the trained tokenizer, so inference renders exactly
 what training saw. A tokenizer's own Jinja template (`template: auto`) is rendered with
-`apply_chat_template`, and its assistant spans are found from the renderings of
-conversation prefixes, so masks are right for any template, not only ours.
+`apply_chat_template` and its answers are located in the rendering (`jinja_template.py`),
+so masks are right for any template, not only ours.
 """
 
 from __future__ import annotations
