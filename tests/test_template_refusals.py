@@ -154,3 +154,14 @@ def test_a_template_without_end_of_turn_and_no_eos_is_refused(tokenizer_folder):
     tok.eos_token = None
     with pytest.raises(ConfigError, match=r"writes nothing after an answer .* and the tokenizer has no eos_token"):
         resolve_template("auto", tok)
+
+
+def test_evaluation_rows_the_template_refuses_are_counted_too(tokenizer_folder, tmp_path, capsys):
+    evaluation = write_jsonl(tmp_path / "eval.jsonl", ROWS[2:4])
+    argv, _ = inspect(tmp_path, tokenizer_folder(MISTRAL_V02), rows=ROWS[:2], on_error="skip",
+                      eval=[{"path": str(evaluation)}])
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["rows_read"], stats["rows_kept"], stats["rows_rejected"]) == (4, 3, 1)
+    assert (stats["train_rows"], stats["eval_rows"]) == (2, 1)
+    assert stats["first_rejections"][0].startswith(f"{evaluation}:1: the chat template refused it")

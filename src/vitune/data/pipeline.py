@@ -218,8 +218,11 @@ def _tokenize_in_processes(convs, tokenizer, template, options: dict, num_proc: 
 
 
 def tokenize_split(
-    convs: list[Conversation], tokenizer, template: Template, data: DataConfig, report: Optional[DataReport]
+    convs: list[Conversation], tokenizer, template: Template, data: DataConfig, report: Optional[DataReport],
+    count_tokens: bool = True,
 ) -> list[TokenizedRow]:
+    """Tokenised rows of one split; rows that cannot be used go to `report` as rejections, and
+    with `count_tokens` (the training split) the kept rows' tokens are counted there too."""
     options = dict(train_on_prompt=data.train_on_prompt, mask_history=data.mask_history, keep_refusals=True)
     if data.num_proc and data.num_proc > 1 and len(convs) >= 2 * data.num_proc:
         rows = _tokenize_in_processes(convs, tokenizer, template, options, data.num_proc)
@@ -244,7 +247,7 @@ def tokenize_split(
                 report.rejections.append(Rejection(conv.source, problem[0], problem[1]))
             continue
         kept.append(fitted)
-        if report is not None:
+        if report is not None and count_tokens:
             report.rows_truncated += fitted.truncated
             report.total_tokens += len(fitted.input_ids)
             report.trained_tokens += trained
@@ -274,8 +277,9 @@ def _prepare(data: DataConfig, tokenizer, template: Template, seed: int):
     report = DataReport()
     train_convs, eval_convs = load_conversations(data, seed, report)
     train = tokenize_split(train_convs, tokenizer, template, data, report)
+    # evaluation rows were read into the same report: their rejections count too (read = kept + rejected)
+    evaluation = tokenize_split(eval_convs, tokenizer, template, data, report, count_tokens=False)
     raise_for_bad_rows(report, data.on_error)
-    evaluation = tokenize_split(eval_convs, tokenizer, template, data, None)
     if not train:
         raise DataError(f"every training row was rejected ({report.rejected_by_reason}); see the reasons above")
     report.rows_kept = report.rows_read - report.rows_rejected
