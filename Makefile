@@ -34,7 +34,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# every test, the slow ones too; DeepSpeed's tests need it installed (its first run compiles an op, ~3 min)
 test-all: install
+	$(BIN)/python -m pip install -q -e ".[test,deepspeed]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(BIN)/python -m pytest -q -m ""
 
 # the newest releases the ranges in pyproject.toml admit, without constraints.txt

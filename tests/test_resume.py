@@ -172,3 +172,28 @@ def test_two_processes_give_the_losses_of_one_and_only_rank_0_writes(tiny_llama,
     assert sorted(p.name for p in two.iterdir() if p.suffix in (".json", ".yaml", ".jsonl")) == [
         "config.json", "config.yaml", "data_report.json", "generation_config.json", "metrics.jsonl",
         "summary.json", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_resume_from_a_renamed_checkpoint_folder_reads_its_step(reference, tiny_llama, tmp_path):
+    # the step comes from Trainer's state in the folder, not from its name
+    import shutil
+
+    out = tmp_path / "renamed"
+    config = run_config(tmp_path, tiny_llama, out)
+    assert main(["train", str(config)]) == 0
+    kept = tmp_path / "my-good-checkpoint"
+    shutil.copytree(out / "checkpoint-4", kept)
+    shutil.rmtree(out)
+    config = run_config(tmp_path, tiny_llama, out, resume=str(kept))
+    assert main(["train", str(config)]) == 0
+    assert same_weights(out, reference)
+
+
+def test_a_damaged_checkpoint_marker_is_one_line(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "damaged"
+    config = run_config(tmp_path, tiny_llama, out, max_steps=4)
+    assert main(["train", str(config)]) == 0
+    (out / "checkpoint-4" / MARKER).write_text("{not json", encoding="utf-8")
+    assert main(["train", str(config), "--set", f"train.resume={out / 'checkpoint-4'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'checkpoint-4' / MARKER} is damaged (JSONDecodeError" in " ".join(err.split())

@@ -57,3 +57,15 @@ def test_dry_run_prepares_and_estimates_without_training(tiny_llama, tmp_path, c
     assert "optimizer states" in text and "predicted" in text
     assert f"dry run: the config, tokenizer and data of {path} are ready; nothing was trained" in text
     assert not out.exists()
+
+
+def test_dry_run_refuses_a_missing_engine_file(tiny_llama, tmp_path, capsys):
+    from vitune.cli import main
+
+    from conftest import write_config
+
+    path = write_config(tmp_path / "run.yaml", model={"name_or_path": str(tiny_llama)},
+                        data={"train": [{"path": str(ROOT / "data" / "alpaca_vi.jsonl"), "max_samples": 4}]},
+                        train={"output_dir": str(tmp_path / "run"), "deepspeed": "nope.json"})
+    assert main(["train", str(path), "--dry-run"]) == 2
+    assert "train.deepspeed = nope.json: file not found" in capsys.readouterr().err

@@ -41,7 +41,14 @@ class ModelConfig(Section):
         "sdpa attends row by row and flash_attention_2 uses its varlen kernel; eager and flex_attention "
         "use transformers' mask built from the position ids.",
     )
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a Hub model (its own modelling files); off: that code "
+        "would run with your permissions."
+    )
+    allow_pickle: bool = Field(
+        False, description="Also load weights stored as pickle files (*.bin, *.pt, *.pth, *.ckpt, *.pkl) when a "
+        "model, adapter or checkpoint has no safetensors; off: loading pickle can run arbitrary code."
+    )
 
 
 # ---------------------------------------------------------------- method
@@ -216,10 +223,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(f"config file not found: {path} (give the path of a YAML file, e.g. examples/quickstart.yaml)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 at byte {exc.start}; save the config as UTF-8") from None
+    except RecursionError:  # PyYAML parses nesting recursively: [[[[... thousands deep
+        raise ConfigError(f"{path}: nested too deeply to be a run config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        # a reader error has no `problem`; its text goes on with a second line of position
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -238,6 +251,8 @@ def apply_override(raw: dict, item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except RecursionError:  # PyYAML parses nesting recursively: [[[[... thousands deep
+        raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to be a config value") from None
     # YAML 1.1 reads 1e-4 as a string; numbers are what users mean.
     if isinstance(value, str):
         try:

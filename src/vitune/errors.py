@@ -1,4 +1,5 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+"""Errors a user can fix. The CLI prints them as one line and exits with code 2 (74 when the
+disk filled up or failed while writing)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,14 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A data file or one of its rows cannot be used."""
+
+
+class DiskError(UserError):
+    """The disk filled up or failed while vitune was writing (a checkpoint, the final model).
+
+    Not a mistake in the input, but the user's to fix (free space, check the disk), so it is
+    printed as one line like a UserError; its own exit code (74, sysexits' EX_IOERR) lets a
+    script tell it apart and resume once space is freed.
+    """
+
+    exit_code = 74

@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vitune.cli import app
 from vitune.config import load_config
@@ -38,6 +39,10 @@ def train(
     # under accelerate launch only the main process prints (ranks are set in the environment)
     console = Console(quiet=os.environ.get("RANK", "0") != "0")
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from vitune.train.run_lock import output_dir_lock
+
+        with output_dir_lock(Path(cfg.train.output_dir)):
+            pass  # refuse a folder in use here, in one line, not from inside the launched ranks
         raise typer.Exit(launch(config, set_ or [], nproc))
     if dry_run:
         from vitune.cli.estimate import print_estimate
@@ -46,17 +51,19 @@ def train(
 
         prepared = prepare_run(cfg, console)
         print_estimate(cfg, estimate(cfg, prepared.model_config, device), console)
-        console.print(f"dry run: the config, tokenizer and data of {config} are ready; nothing was trained")
+        console.print(f"dry run: the config, tokenizer and data of {escape(str(config))} are ready; nothing was trained")
         return
     result = run_sft(cfg, console)
     if console.quiet:
         return
     s = result.summary
+    # a run resumed from its last step trains no step, so it logs no loss
+    loss = f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, " if s["first_loss"] is not None else ""
     console.print(
-        f"done: {s['steps']} steps in {s['seconds']:.0f} s, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
-        f"{s['tokens_per_s']:,.0f} tokens/s. Run folder: {result.output_dir}"
+        f"done: {s['steps']} steps in {s['seconds']:.0f} s, {loss}"
+        f"{s['tokens_per_s']:,.0f} tokens/s. Run folder: {escape(str(result.output_dir))}"
     )
-    console.print(f"chat with it: vitune chat {result.output_dir}")
+    console.print(f"chat with it: vitune chat {escape(str(result.output_dir))}")
 
 
 def launch(config: Path, overrides: list[str], nproc: int) -> int:
@@ -70,7 +77,18 @@ def launch(config: Path, overrides: list[str], nproc: int) -> int:
     # accelerate's multi-process launcher (torchrun); with no GPU vitune's TrainingArguments
     # run on the CPU and torch.distributed uses gloo. (`--cpu` would start a single process.)
     cmd += ["--multi_gpu"]
+    # a free port, not torchrun's fixed 29500: two runs on one machine must not meet
+    cmd += ["--main_process_port", str(free_port())]
     cmd += ["-m", "vitune", "train", str(config)]
     for item in overrides:
         cmd += ["--set", item]
     return subprocess.call(cmd)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for the ranks to meet on (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

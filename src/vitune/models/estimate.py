@@ -272,7 +272,7 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
     gradients = trainable * tbytes + saved_params * saved_bytes
     from vitune.models.optimizers import resolve_optimizer
 
-    optimizer = resolve_optimizer(train.optimizer)[0]  # auto -> what the run would use here
+    optimizer = resolve_optimizer(train.optimizer, bool(train.fsdp))[0]  # auto -> what the run would use here
     states = optimizer_bytes(optimizer, train_shapes, tbytes) + optimizer_bytes(optimizer, extra_shapes, saved_bytes)
     step_temp = gradients if optimizer == "adamw_torch" else 0.0  # foreach sqrt(exp_avg_sq)
     if optimizer.startswith("paged_"):

@@ -1,9 +1,16 @@
 """Loading a tokenizer and a model (local folder or Hub id, same `from_pretrained` path) and
-adapting the model to the fine-tuning method (full, LoRA, QLoRA)."""
+adapting the model to the fine-tuning method (full, LoRA, QLoRA).
+
+Weights are read from safetensors only: a pickle file (*.bin, *.pt, ...) can run any code
+when it is loaded, so a model, adapter or checkpoint that has nothing else is refused
+(`check_safe_weights`) unless model.allow_pickle (vitune chat: --allow-pickle) says the
+user trusts it. trust_remote_code stays off unless the config turns it on.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 from vitune.config import MethodConfig, ModelConfig
@@ -27,6 +34,63 @@ def _load_error(name: str, what: str, exc: Exception) -> UserError:
     return UserError(f"cannot load the {what} of {name!r}: {first}")
 
 
+def damaged_files(name: str, what: str, exc: Exception, files: str) -> UserError:
+    """Any other library error while reading a model folder: transformers raises TypeError,
+    AttributeError, ... for a damaged or hand-edited file. Names the folder, the error and the files."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return UserError(
+        f"cannot load the {what} of {name!r} ({type(exc).__name__}: {first}); {files} may be damaged "
+        "or hand-edited: restore them from the original model"
+    )
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Trainer's own state in a checkpoint (and training_args.bin beside a saved model): pickle
+# format, but not weights; transformers reads the state back with torch.load(weights_only=True).
+_TRAINER_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|training_args\.bin)$")
+
+
+def pickle_refused(where: str, files: list[str]) -> UserError:
+    found = f" ({', '.join(files)})" if files else ""
+    return UserError(
+        f"{where} has no safetensors weights, only pickle files{found}; loading pickle can run arbitrary code. "
+        "Use safetensors weights, or if you trust their source allow pickle: model.allow_pickle: true "
+        "(vitune chat: --allow-pickle)"
+    )
+
+
+def check_safe_weights(name_or_path: str | Path, allow_pickle: bool) -> None:
+    """Refuse a local model folder, adapter or checkpoint whose weights are pickle files only.
+
+    Every loader calls this before reading weights. Hub ids are not looked at here:
+    `load_pretrained` asks transformers for safetensors and turns its refusal into the same line.
+    """
+    folder = Path(str(name_or_path)).expanduser()
+    if allow_pickle or not folder.is_dir():
+        return
+    files = [p.name for p in folder.iterdir() if p.is_file()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = sorted(n for n in files if n.endswith(PICKLE_SUFFIXES) and not _TRAINER_FILES.match(n))
+    if pickles:
+        raise pickle_refused(str(name_or_path), pickles)
+
+
+def load_pretrained(auto_class, name_or_path: str, allow_pickle: bool, **kwargs):
+    """`auto_class.from_pretrained(name_or_path, **kwargs)` reading the weights from safetensors
+    (`use_safetensors=True`, local folder or Hub id) unless `allow_pickle`."""
+    check_safe_weights(name_or_path, allow_pickle)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:
+        # a Hub repo with .bin weights only: "... and thus cannot be loaded with `safetensors`."
+        if not allow_pickle and "cannot be loaded with `safetensors`" in str(exc):
+            raise pickle_refused(name_or_path, []) from None
+        raise
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -35,6 +99,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, "tokenizer", exc) from None
+    except Exception as exc:
+        raise damaged_files(name_or_path, "tokenizer", exc, "its tokenizer.json, tokenizer_config.json or config.json") from None
+    if not isinstance(tokenizer.model_max_length, int):
+        raise UserError(f"{name_or_path}: model_max_length = {tokenizer.model_max_length!r} in tokenizer_config.json "
+                        "must be a whole number of tokens")
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"{name_or_path}: vitune needs a fast (Rust) tokenizer to map tokens to characters; install `tokenizers` and `sentencepiece`")
     if tokenizer.pad_token is None:
@@ -78,11 +147,11 @@ def load_model(model_cfg: ModelConfig, method: MethodConfig):
     if method.type == "qlora":
         kwargs["quantization_config"] = quantization_config(method, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = load_pretrained(AutoModelForCausalLM, name, model_cfg.allow_pickle, **kwargs)
     except ValueError as exc:
         if "attn_implementation" in kwargs and "does not support" in str(exc) and model_cfg.attn_implementation == "auto":
             kwargs["attn_implementation"] = "eager"  # architecture without SDPA support
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+            model = load_pretrained(AutoModelForCausalLM, name, model_cfg.allow_pickle, **kwargs)
         else:
             raise _load_error(name, "model", exc) from None
     except OSError as exc:

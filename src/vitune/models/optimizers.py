@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+# bitsandbytes' optimizers update plain tensors; FSDP2's parameters are DTensors
+# ("Operator bitsandbytes.optimizer_update_32bit.default does not have a sharding strategy registered").
+BITSANDBYTES_OPTIMIZERS = ("adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 
-def resolve_optimizer(name: str) -> tuple[str, str | None]:
-    """`train.optimizer` as Trainer takes it, and a one-line notice when `auto` had to fall back."""
+
+def resolve_optimizer(name: str, fsdp: bool = False) -> tuple[str, str | None]:
+    """`train.optimizer` as Trainer takes it, and a one-line notice when `auto` had to fall back.
+
+    `fsdp`: train.fsdp is set, so auto cannot pick a bitsandbytes optimizer.
+    """
     if name != "auto":
         return name, None
+    if fsdp:
+        return "adamw_torch", None
     import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is not None:

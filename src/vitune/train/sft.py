@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from vitune.config import RunConfig, dump_config
 from vitune.data.pipeline import DataReport, prepare_sft_data
@@ -56,6 +57,8 @@ class RunInterrupted(Exception):
 
 
 def check_output_dir(path: Path, overwrite: bool, resuming: bool = False) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"train.output_dir {path} is a file; choose a folder")
     if path.exists() and any(path.iterdir()):
         if not overwrite:
             extra = " and holds no complete checkpoint to resume from" if resuming else ""
@@ -63,8 +66,6 @@ def check_output_dir(path: Path, overwrite: bool, resuming: bool = False) -> Non
                 f"train.output_dir {path} already exists and is not empty{extra}; choose another folder "
                 "or set train.overwrite: true (e.g. --set train.overwrite=true)"
             )
-        if not path.is_dir():
-            raise UserError(f"train.output_dir {path} is a file")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
         warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        optim=resolve_optimizer(t.optimizer)[0],
+        optim=resolve_optimizer(t.optimizer, bool(t.fsdp))[0],
         activation_checkpointing=plan.checkpoint_every > 0,
         activation_checkpointing_kwargs={"every_n_layers": plan.checkpoint_every} if plan.checkpoint_every > 1 else None,
         use_liger_kernel=plan.liger,
@@ -155,6 +156,8 @@ def scale_out_arguments(config: RunConfig) -> dict:
     """train.deepspeed / train.fsdp as TrainingArguments take them (the engines do the work)."""
     import yaml
 
+    from vitune.models.optimizers import BITSANDBYTES_OPTIMIZERS
+
     t = config.train
     if t.deepspeed:
         path = Path(t.deepspeed)
@@ -178,6 +181,15 @@ def scale_out_arguments(config: RunConfig) -> dict:
             raise UserError(f"train.fsdp = {t.fsdp}: expected a YAML mapping with fsdp: and fsdp_config: (see examples/fsdp/fsdp2.yaml)")
         if config.method.type == "qlora":
             raise UserError("train.fsdp with method.type: qlora is not supported yet; use method.type: lora, or DeepSpeed ZeRO-2")
+        if (settings.get("fsdp_config") or {}).get("state_dict_type") == "FULL_STATE_DICT":
+            # measured on 2 CPU processes (torch 2.13, accelerate 1.15, FSDP2): saving such a checkpoint fails, resuming
+            # from one hangs (rank 0 broadcasts the weights, the other ranks never join)
+            raise UserError(f"train.fsdp = {t.fsdp}: fsdp_config.state_dict_type FULL_STATE_DICT checkpoints cannot "
+                            "be resumed; use SHARDED_STATE_DICT (examples/fsdp/fsdp2.yaml): the final model folder "
+                            "is whole either way")
+        if t.optimizer in BITSANDBYTES_OPTIMIZERS:
+            raise UserError(f"train.optimizer = {t.optimizer} cannot update FSDP's sharded parameters (bitsandbytes "
+                            "optimizers take plain tensors); use train.optimizer: adamw_torch (or auto) with train.fsdp")
         return {"fsdp": settings["fsdp"], "fsdp_config": settings.get("fsdp_config", {})}
     return {}
 
@@ -199,18 +211,18 @@ class PreparedRun:
 def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
     """Check the output folder, load the tokenizer, prepare (or reuse) the data, print the
     data counts and the guidance. Raises UserError for anything wrong with the user's input."""
-    from accelerate import PartialState
-
     from vitune.data.cache import cache_key
     from vitune.train.checkpoint import check_fingerprint, find_resume_checkpoint, fingerprint
     from vitune.train.guidance import advise, check_max_length
+    from vitune.train.sharding import process_state
 
-    state = PartialState()  # one process, or one rank of `accelerate launch`
+    state = process_state()  # one process, or one rank of `accelerate launch`
     out = Path(config.train.output_dir)
-    resume_from = find_resume_checkpoint(out, config.train.resume)
+    resume_from = find_resume_checkpoint(out, config.train.resume, config.model.allow_pickle)
     if resume_from is None:
         check_output_dir(out, config.train.overwrite, resuming=config.train.resume == "auto")
 
+    scale_out_arguments(config)  # a missing or wrong train.deepspeed / train.fsdp file fails here, before the data
     # The tokenizer and template come first: the data is rendered and tokenised with them.
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     template = resolve_template(config.model.template, tokenizer)
@@ -221,7 +233,7 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
     with state.main_process_first():  # rank 0 fills the cache, the others read it
         train_rows, eval_rows, report = prepare_sft_data(config.data, tokenizer, template, config.train.seed)
     if report.from_cache:
-        console.print(f"data: reusing prepared data from the cache ({report.cached_at})")
+        console.print(f"data: reusing prepared data from the cache ({escape(str(report.cached_at))})")
     console.print(
         f"data: {report.rows_read} rows read, {report.rows_kept} kept, {report.rows_rejected} rejected"
         + (f" {report.rejected_by_reason}" if report.rows_rejected else "")
@@ -230,24 +242,37 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
     )
     for advice in advise(config, model_config):
         console.print(f"[yellow]advice[/] {advice.key}: {advice.text}")
-    optimizer, notice = resolve_optimizer(config.train.optimizer)
+    optimizer, notice = resolve_optimizer(config.train.optimizer, bool(config.train.fsdp))
     if notice:
         console.print(f"[yellow]notice[/] {notice}")
 
     run_fingerprint = fingerprint(config, cache_key(config.data, tokenizer, template, config.train.seed))
     if resume_from is not None:
         check_fingerprint(resume_from, run_fingerprint, config.train.resume_strict)
-        console.print(f"resuming from {resume_from}")
+        console.print(f"resuming from {escape(str(resume_from))}")
     return PreparedRun(tokenizer, template, train_rows, eval_rows, report, model_config, run_fingerprint, resume_from)
 
 
 def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
-    """Fine-tune `config.model` on `config.data`; returns the run folder and its summary."""
-    from accelerate import PartialState
+    """Fine-tune `config.model` on `config.data`; returns the run folder and its summary.
+
+    The output folder is held for the whole run (train/run_lock.py): a second run into it
+    is refused before anything is written."""
+    from vitune.train.run_lock import output_dir_lock
+    from vitune.train.sharding import process_state
+
+    with output_dir_lock(Path(config.train.output_dir), process_state().is_main_process):
+        return _run_sft(config, console)
+
+
+def _run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
     from transformers import set_seed
 
+    from vitune.train.checkpoint import final_save
+    from vitune.train.sharding import gather_full_weights, process_state, save_final_model
+
     console = console or Console()
-    state = PartialState()
+    state = process_state()
     out = Path(config.train.output_dir)
     prepared = prepare_run(config, console)
     tokenizer, template, report = prepared.tokenizer, prepared.template, prepared.report
@@ -280,18 +305,20 @@ def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
                            resume_from=resume_from, checkpoint_marker=(run_fingerprint, dump_config(config)))
     if summary.get("stopped_by"):
         raise RunInterrupted(summary["stopped_by"], out, trainer.state.global_step)
+    full_weights = gather_full_weights(trainer)  # FSDP: every rank joins the gather; None otherwise
     if not state.is_main_process:
         return TrainResult(out, summary, report, trainer.model)
 
     # The template used in training travels with the tokenizer, so chat renders the same.
     tokenizer.chat_template = template.jinja()
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out), save_jinja_files=False)
-    # Trainer also saved the tokenizer, with the template in chat_template.jinja; keep one copy,
-    # in tokenizer_config.json, where every tool (old and new) looks for it.
-    (out / "chat_template.jinja").unlink(missing_ok=True)
-    summary["template"] = template.name
-    (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    with final_save(out, SUMMARY):  # a full or failing disk: one line; no summary.json, checkpoints kept
+        save_final_model(trainer, out, full_weights)  # an ordinary model folder, also after sharded training
+        tokenizer.save_pretrained(str(out), save_jinja_files=False)
+        # Trainer also saved the tokenizer, with the template in chat_template.jinja; keep one copy,
+        # in tokenizer_config.json, where every tool (old and new) looks for it.
+        (out / "chat_template.jinja").unlink(missing_ok=True)
+        summary["template"] = template.name
+        (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return TrainResult(out, summary, report, trainer.model)
 
 
@@ -310,6 +337,7 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
     from vitune.data.packing import pack_rows, packing_efficiency
     from vitune.models.attention import packed_attention
     from vitune.train.collate import PackedCollator, PadCollator
+    from vitune.train.sharding import ShardingReport
     from vitune.train.telemetry import peak_memory_gib
     from vitune.train.trainer import MetricsFile, RichProgress, VituneTrainer
 
@@ -325,7 +353,9 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         collator = PadCollator(pad)
     from vitune.train.checkpoint import StopOnSignal
 
-    resume_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else None
+    from vitune.train.checkpoint import checkpoint_step
+
+    resume_step = checkpoint_step(resume_from) if resume_from else None
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume_step)
     stop = StopOnSignal()
     trainer = VituneTrainer(
@@ -335,7 +365,7 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         eval_dataset=_items(eval_set) or None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[metrics, RichProgress(console), stop],
+        callbacks=[metrics, RichProgress(console), stop, ShardingReport(out)],
         checkpoint_marker=checkpoint_marker,
     )
     trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts

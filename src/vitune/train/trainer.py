@@ -35,6 +35,26 @@ class VituneTrainer(Trainer):
         self._window = [0, 0, 0.0]  # real tokens, slots, FLOPs since the last log
         self._window_start = time.perf_counter()
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # train.fsdp on CPU processes: accelerate would quietly train DDP (see train/sharding.py)
+        from vitune.train.sharding import enable_fsdp_on_cpu
+
+        if enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
+            self.is_fsdp_enabled = True
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """Trainer's train; resumed from a checkpoint of the last step (its final save failed,
+        e.g. on a full disk), it trains nothing instead of one step too many."""
+        self.add_callback(_NothingLeftToTrain)
+        try:
+            return super().train(resume_from_checkpoint, **kwargs)
+        except _AtLastStep:  # the checkpoint's weights and state are loaded: only the final save is left
+            self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+            return None
+        finally:
+            self.remove_callback(_NothingLeftToTrain)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self._count(inputs)
@@ -79,7 +99,10 @@ class VituneTrainer(Trainer):
 
         Every rank writes its part (RNG state, sharded optimizer) into the staging folder;
         after a barrier the main process adds the marker and renames it to checkpoint-N, so
-        a crash at any point leaves no checkpoint-N without its marker.
+        a crash at any point leaves no checkpoint-N without its marker. Old checkpoints are
+        rotated out only after that, so the last complete one is never lost to a failed save.
+        A full or failing disk removes the half-written staging folder (giving back its space)
+        and stops the run with one line naming the checkpoint to resume from.
         """
         import os
         import shutil
@@ -87,26 +110,38 @@ class VituneTrainer(Trainer):
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
         from transformers.trainer_utils import rotate_checkpoints
 
-        from vitune.train.checkpoint import STAGING, write_marker
+        from vitune.train.checkpoint import STAGING, checkpoint_save_failed, disk_failure, write_marker
 
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._staging = os.path.join(run_dir, STAGING)
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging = None
+        staging = Path(run_dir) / STAGING
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)  # left by a save that a crash cut short
         self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            staged = Path(run_dir) / STAGING / name
-            if self.checkpoint_marker is not None:
-                write_marker(staged, *self.checkpoint_marker)
-            final = Path(run_dir) / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staged, final)
-            shutil.rmtree(Path(run_dir) / STAGING, ignore_errors=True)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        try:
+            self._staging = str(staging)
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._staging = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                staged = staging / name
+                if self.checkpoint_marker is not None:
+                    write_marker(staged, *self.checkpoint_marker)
+                final = Path(run_dir) / name
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staged, final)
+                shutil.rmtree(staging, ignore_errors=True)
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        except Exception as exc:
+            failure = disk_failure(exc, Path(run_dir))
+            if failure is None:
+                raise  # a bug: its half-written checkpoint stays in staging to look at
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise checkpoint_save_failed(failure, name, Path(run_dir)) from None
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
@@ -119,6 +154,17 @@ class VituneTrainer(Trainer):
             self._window = [0, 0, 0.0]
             self._window_start = now
         super().log(logs, start_time)
+
+
+class _AtLastStep(Exception):
+    pass
+
+
+class _NothingLeftToTrain(TrainerCallback):
+    # Trainer checks max_steps only after a step, so a run resumed at max_steps would train one more.
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise _AtLastStep
 
 
 class MetricsFile(TrainerCallback):
