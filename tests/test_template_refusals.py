@@ -165,3 +165,45 @@ def test_evaluation_rows_the_template_refuses_are_counted_too(tokenizer_folder, 
     assert (stats["rows_read"], stats["rows_kept"], stats["rows_rejected"]) == (4, 3, 1)
     assert (stats["train_rows"], stats["eval_rows"]) == (2, 1)
     assert stats["first_rejections"][0].startswith(f"{evaluation}:1: the chat template refused it")
+
+
+ONE_EXCHANGE_ONLY = ("{% if messages|length > 2 %}{{ raise_exception('one question at a time') }}{% endif %}"
+                     "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}")
+
+
+def test_a_template_that_refuses_longer_conversations_rejects_only_those_rows(tokenizer_folder, tmp_path, capsys):
+    two_turns = {"conversations": [*ROWS[0]["conversations"], *ROWS[1]["conversations"]]}
+    argv, path = inspect(tmp_path, tokenizer_folder(ONE_EXCHANGE_ONLY), rows=[ROWS[0], two_turns, ROWS[3]],
+                         on_error="skip")
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["rows_read"], stats["rows_kept"], stats["rows_rejected"]) == (3, 2, 1)
+    assert stats["first_rejections"] == [f"{path}:2: the chat template refused it: one question at a time"]
+
+
+@pytest.mark.parametrize("value", [42, {"default": 5}])
+def test_a_chat_template_that_is_not_text_is_one_line(tokenizer_folder, tmp_path, capsys, value):
+    folder = tokenizer_folder(MISTRAL_V02)
+    config_file = folder / "tokenizer_config.json"
+    settings = json.loads(config_file.read_text(encoding="utf-8"))
+    settings["chat_template"] = value
+    config_file.write_text(json.dumps(settings), encoding="utf-8")
+    argv, _ = inspect(tmp_path, folder)
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: " in err and "not Jinja text; fix chat_template in tokenizer_config.json" in err
+
+
+def test_chat_puts_the_system_prompt_before_the_first_question_for_such_a_template(tokenizer_folder, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    from vitune.infer.chat import ChatModel
+
+    tok = load_tokenizer(str(tokenizer_folder(MISTRAL_V02)))
+    bot = ChatModel(AutoModelForCausalLM.from_pretrained(tiny_llama), tok, resolve_template("auto", tok), [tok.eos_token_id])
+    seen = []
+    render = bot.template.prompt
+    bot.template.prompt = lambda conv: seen.append(conv) or render(conv)
+    bot.answer([Message("user", "Chào!")], system=SYSTEM, max_new_tokens=1)
+    assert [(m.role, m.content) for m in seen[0].messages] == [("user", f"{SYSTEM}\n\nChào!")]
+    assert seen[0].system is None

@@ -1,6 +1,8 @@
 """The `vitune` command: one small module per command group, one entry point here.
 
-User mistakes (`UserError`) print one line and exit 2; anything else is a bug: exit 1.
+User mistakes (`UserError`) print one line and exit 2; a full or failing disk while saving
+(`DiskError`) prints one line and exits 74 (sysexits' EX_IOERR), its checkpoints kept to
+resume from; anything else is a bug: exit 1.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vitune.errors import UserError
 
@@ -57,14 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False)  # typer.Exit(n) comes back as n
     except UserError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:
         from vitune.train.sft import RunInterrupted
 
         if not isinstance(exc, RunInterrupted):
             return _other_error(exc)
-        err_console.print(f"[bold yellow]{exc}[/]", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -72,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
     return code if isinstance(code, int) else 0
+
+
+def one_line(message: str) -> str:
+    """A user error is one line: control characters from the user's own paths, keys and values
+    (a newline in a file name, a NUL in a --set value) are shown escaped, as Python writes them."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def _other_error(exc: Exception) -> int:

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vitune.cli import app
 
@@ -25,19 +26,33 @@ def chat(
     top_p: float = typer.Option(0.9, help="Nucleus sampling when temperature > 0"),
     max_new_tokens: int = typer.Option(256, help="Longest answer in tokens"),
     base: Optional[str] = typer.Option(None, help="Base model of an adapter, if it moved", show_default=False),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Also load pickle weights (*.bin, *.pt): only from a source you trust, "
+        "as loading pickle can run arbitrary code"
+    ),
 ) -> None:
     from vitune.data.records import Message
+    from vitune.errors import UserError
     from vitune.infer.chat import load_chat_model
 
+    # checked before the model loads; generate() would raise in its worker thread
+    if not temperature >= 0 or temperature == float("inf"):
+        raise UserError(f"--temperature {temperature}: use 0 (greedy) or a positive number such as 0.7")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: use a number above 0 and at most 1, such as 0.9")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: use at least 1")
     console = Console(highlight=False)
-    bot = load_chat_model(run_dir, template=template, base=base)
+    bot = load_chat_model(run_dir, template=template, base=base, allow_pickle=allow_pickle)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
     if prompt is not None:
         for piece in bot.stream([Message("user", prompt)], system=system, **settings):
             console.print(piece, end="", markup=False)
         console.print()
         return
-    console.print(f"[dim]chatting with {run_dir} (template {bot.template.name}); /reset clears, /exit quits[/]")
+    console.print(f"[dim]chatting with {escape(run_dir)} (template {bot.template.name}); /reset clears, /exit quits[/]")
+    if system and getattr(bot.template, "system_refused", None):
+        console.print("[dim]the chat template takes no system prompt: --system goes before your first question[/]")
     history: list[Message] = []
     while True:
         try:

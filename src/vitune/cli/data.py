@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vitune.cli import app
@@ -50,7 +51,7 @@ def inspect(
         console.rule(f"row {i + 1} of {len(rows)}: {len(row.input_ids)} tokens, "
                      f"{sum(l != -100 for l in row.labels)} trained")
         console.print(render_row(tokenizer, row), soft_wrap=True)
-    table = Table(title=f"data of {config} (template {template.name})", show_header=False)
+    table = Table(title=f"data of {escape(str(config))} (template {template.name})", show_header=False)
     table.add_row("rows read / kept / rejected", f"{stats['rows_read']} / {stats['rows_kept']} / {stats['rows_rejected']}")
     for reason, count in stats["rejected_by_reason"].items():
         table.add_row(f"  rejected: {reason}", str(count))
@@ -63,9 +64,9 @@ def inspect(
     for notice in template.notices:
         console.print(f"[yellow]notice[/] template: {notice}")
     for line in stats["first_rejections"]:
-        console.print(f"[red]rejected[/] {line}")
+        console.print(f"[red]rejected[/] {escape(line)}")
     if report.from_cache:
-        console.print(f"[dim]prepared data reused from the cache ({report.cached_at})[/]")
+        console.print(f"[dim]prepared data reused from the cache ({escape(str(report.cached_at))})[/]")
 
 
 @data_app.command(
@@ -85,4 +86,4 @@ def convert(
     from vitune.data.convert import convert_file
 
     count = convert_file(src, dst, to, source_format=source_format, force=force)
-    Console().print(f"wrote {count} {to} rows to {dst}")
+    Console().print(f"wrote {count} {to} rows to {escape(dst)}")

@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vitune.cli import app
@@ -58,7 +59,7 @@ def print_estimate(cfg, result, console: Console) -> None:
     """The breakdown table, the predicted speed and the notes."""
     tokens = cfg.data.max_length * cfg.train.micro_batch_size
     table = Table(
-        title=f"{cfg.model.name_or_path} · {cfg.method.type} · {tokens:,} tokens per micro-batch · {result.device}",
+        title=f"{escape(cfg.model.name_or_path)} · {cfg.method.type} · {tokens:,} tokens per micro-batch · {result.device}",
         show_header=True,
     )
     table.add_column("part")

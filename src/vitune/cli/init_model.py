@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vitune.cli import app
 
@@ -26,4 +27,4 @@ def init_model(
     from vitune.models.tiny import init_tiny_model
 
     folder = init_tiny_model(arch, out, seed=seed)
-    Console().print(f"wrote a tiny {arch} model to {folder}")
+    Console().print(f"wrote a tiny {arch} model to {escape(str(folder))}")

@@ -20,6 +20,7 @@ from vitune.config import DataConfig
 from vitune.data.records import Rejection
 from vitune.data.sources import resolve_files
 from vitune.data.tokenize import TokenizedRow
+from vitune.errors import DataError
 
 FORMAT_VERSION = "2"  # 2: auto templates locate answers anew and may add EOS
 
@@ -97,7 +98,11 @@ def load(entry: Path):
 def save(entry: Path, train: list[TokenizedRow], evaluation: list[TokenizedRow], report: dict) -> None:
     tmp = entry.with_name(entry.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except (OSError, ValueError) as exc:  # a file in the way, no permission, read-only, a NUL in the name
+        raise DataError(f"data.cache_dir {entry.parent}: cannot write the prepared-data cache there "
+                        f"({getattr(exc, 'strerror', None) or exc}); choose another folder or set data.cache: false") from None
     _save_rows(train, tmp / "train")
     _save_rows(evaluation, tmp / "eval")
     fields = dict(report)

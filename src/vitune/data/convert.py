@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
-from vitune.config import DataConfig, DatasetSpec
+from vitune.config import DataConfig, DataFormat, DatasetSpec
 from vitune.data.pipeline import DataReport, raise_for_bad_rows, read_conversations
 from vitune.data.records import Conversation
 from vitune.errors import DataError, UserError
@@ -49,6 +50,13 @@ def convert_file(src: str, dst: str, target: str, source_format: str = "auto", f
     out = Path(dst)
     if out.suffix not in (".jsonl", ".json"):
         raise UserError(f"{dst}: the output file must end in .jsonl or .json")
+    if out.is_dir():
+        raise UserError(f"{dst} is a folder; give the path of the output file, e.g. {out / 'converted.jsonl'}")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"{dst}: {blocker} is a file, not a folder; choose another output path")
+    if source_format not in get_args(DataFormat):
+        raise UserError(f"--from {source_format!r}: choose one of {', '.join(get_args(DataFormat))}")
     spec = DatasetSpec(path=src, format=source_format)
     settings = DataConfig(train=[spec], normalize={"unicode": "none"})  # convert exactly what is there
     report = DataReport()
@@ -65,11 +73,14 @@ def convert_file(src: str, dst: str, target: str, source_format: str = "auto", f
                     "pass --force to convert anyway"
                 )
     rows = [to_row(conv, target) for conv in convs]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as fh:
-        if out.suffix == ".json":
-            json.dump(rows, fh, ensure_ascii=False, indent=1)
-        else:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as fh:
+            if out.suffix == ".json":
+                json.dump(rows, fh, ensure_ascii=False, indent=1)
+            else:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write {dst}: {exc.strerror or exc}; choose another output file") from None
     return len(rows)

@@ -175,10 +175,15 @@ class JinjaTemplate:
         raise ConfigError if it cannot be used at all, note what vitune does about the rest."""
         from vitune.data.templates import TEMPLATES  # the built-ins to offer instead (they import this module)
 
-        conv = Conversation(list(PROBE))
+        found: list = []
         try:
-            _, found = self._locate(conv)
+            _, found = self._locate(Conversation(list(PROBE[:2])))  # one exchange: what every template must take
+            # two exchanges show the marker after an answer that is not the last; a template may
+            # refuse them (then its rows with more turns are refused one by one)
+            _, found = self._locate(Conversation(list(PROBE)))
         except TemplateRefused as exc:
+            if found:
+                return self._check_found(found)
             if exc.reason == "template refused":
                 raise ConfigError(
                     f"the tokenizer's chat template cannot render a plain user/assistant conversation: {exc.detail.split(': ', 1)[-1]} "
@@ -190,6 +195,9 @@ class JinjaTemplate:
                 f"does not appear in its rendering), so assistant turns cannot be located; choose a built-in "
                 f"template with model.template ({', '.join(TEMPLATES)})"
             ) from None
+        return self._check_found(found)
+
+    def _check_found(self, found: list) -> "JinjaTemplate":
         markers = [marker for _, _, _, marker in found]
         if not all(markers):
             eos = getattr(self.tokenizer, "eos_token", None)
@@ -205,7 +213,7 @@ class JinjaTemplate:
             )
         self.markers = sorted({t for m in markers for t in self._special_tokens() if t and t in m})
         try:
-            self._locate(Conversation(list(PROBE), system=PROBE_SYSTEM))
+            self._locate(Conversation(list(PROBE[:2]), system=PROBE_SYSTEM))
         except TemplateRefused as exc:
             self.system_refused = exc.detail.removeprefix("the chat template refused it: ")
             self.notices.append(

@@ -20,7 +20,7 @@ from vitune.config import DataConfig, DatasetSpec, NormalizeSettings
 from vitune.data import byte_bpe, cache
 from vitune.data.formats import PARSERS, RowProblem, detect_format
 from vitune.data.normalize import normalize_with_change
-from vitune.data.records import Conversation, Rejection
+from vitune.data.records import Conversation, Rejection, fold_system_prompt
 from vitune.data.sources import read_rows
 from vitune.data.templates import Template, TemplateRefused
 from vitune.data.tokenize import IGNORE, TokenizedRow, fit_length, tokenize_conversations
@@ -97,17 +97,15 @@ def _normalize(conv: Conversation, settings: NormalizeSettings) -> bool:
     return changed
 
 
-def _place_system_prompt(conv: Conversation, mode: str, report: DataReport) -> None:
+def _place_system_prompt(conv: Conversation, mode: str, report: DataReport) -> Conversation:
     """data.system_prompt: fold it into the first user turn, or drop it (both counted)."""
     if conv.system is None or mode == "keep":
-        return
-    first = next((m for m in conv.messages if m.role == "user"), None)
-    if mode == "fold" and first is not None:
-        first.content = f"{conv.system}\n\n{first.content}" if conv.system.strip() else first.content
+        return conv
+    if mode == "fold":
         report.system_prompts_folded += 1
-    else:
-        report.system_prompts_dropped += 1
-    conv.system = None
+        return fold_system_prompt(conv)
+    report.system_prompts_dropped += 1
+    return Conversation(conv.messages, system=None, source=conv.source)
 
 
 def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) -> list[Conversation]:
@@ -143,8 +141,7 @@ def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) 
             continue
         conv.source = raw.source
         report.rows_normalized += _normalize(conv, data.normalize)
-        _place_system_prompt(conv, data.system_prompt, report)
-        convs.append(conv)
+        convs.append(_place_system_prompt(conv, data.system_prompt, report))
     return convs
 
 
@@ -179,7 +176,11 @@ def load_conversations(data: DataConfig, seed: int, report: DataReport) -> tuple
     train: list[Conversation] = []
     for spec in data.train:
         convs = read_conversations(spec, data, report)
-        train += _apply_weight(convs, spec.weight, rng)
+        weighted = _apply_weight(convs, spec.weight, rng)
+        if convs and not weighted:
+            raise DataError(f"{spec.path}: weight {spec.weight} keeps none of its {len(convs)} usable row(s); "
+                            "raise its weight in data.train")
+        train += weighted
     evaluation: list[Conversation] = []
     for spec in data.eval or []:
         evaluation += read_conversations(spec, data, report)

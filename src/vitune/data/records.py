@@ -28,6 +28,18 @@ class Conversation:
     source: str = ""  # file and line/row, for messages
 
 
+def fold_system_prompt(conv: Conversation) -> Conversation:
+    """The conversation with its system prompt put before the first user turn, a blank line
+    after it (`data.system_prompt: fold`, and chat with a template that takes no system prompt)."""
+    if conv.system is None:
+        return conv
+    messages = [Message(m.role, m.content, m.input, m.train) for m in conv.messages]
+    first = next((m for m in messages if m.role == "user"), None)
+    if first is not None and conv.system.strip():
+        first.content = f"{conv.system}\n\n{first.content}"
+    return Conversation(messages, system=None, source=conv.source)
+
+
 @dataclass
 class Text:
     """Raw text for continued pretraining."""

@@ -64,7 +64,8 @@ def _read_jsonl(file: Path) -> Iterator[RawRow]:
         for number, raw in enumerate(fh, start=1):
             source = f"{file}:{number}"
             try:
-                text = raw.decode("utf-8")
+                # utf-8-sig: a byte order mark (Notepad writes one) starts the file, not the row
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 yield RawRow(source, None, ("undecodable bytes", f"not UTF-8 at byte {exc.start} of the line; save the file as UTF-8"))
                 continue
@@ -83,7 +84,7 @@ def _read_jsonl(file: Path) -> Iterator[RawRow]:
 
 def _read_json(file: Path) -> Iterator[RawRow]:
     try:
-        data = json.loads(file.read_bytes().decode("utf-8"))
+        data = json.loads(file.read_bytes().decode("utf-8-sig"))  # a byte order mark is not JSON
     except UnicodeDecodeError as exc:
         raise DataError(f"{file}: not UTF-8 at byte {exc.start}; save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -105,8 +106,18 @@ def _read_json(file: Path) -> Iterator[RawRow]:
             yield RawRow(source, row)
 
 
-def _read_with_datasets(file: Path) -> Iterator[RawRow]:
+def _quiet_datasets():
+    """datasets, imported, with its progress bars and log lines off: the terminal stays for
+    vitune's own output, and a bad file is one error line."""
     import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    return datasets
+
+
+def _read_with_datasets(file: Path) -> Iterator[RawRow]:
+    datasets = _quiet_datasets()
 
     builder = {".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}[file.suffix]
     try:
@@ -118,7 +129,7 @@ def _read_with_datasets(file: Path) -> Iterator[RawRow]:
 
 
 def _read_hub(name: str, split: str) -> Iterator[RawRow]:
-    import datasets
+    datasets = _quiet_datasets()
 
     try:
         ds = datasets.load_dataset(name, split=split)

@@ -346,6 +346,11 @@ def resolve_template(name: str, tokenizer) -> Template:
         )
     if isinstance(source, dict):
         source = source.get("default") or next(iter(source.values()))
+    if not isinstance(source, str):
+        raise ConfigError(
+            f"the tokenizer's chat_template is {type(source).__name__} {source!r:.60}, not Jinja text; fix chat_template "
+            f"in tokenizer_config.json or set model.template to one of {', '.join(TEMPLATES)}"
+        )
     for template in TEMPLATES.values():
         if template.jinja() == source:
             return template

@@ -9,10 +9,10 @@ from pathlib import Path
 from threading import Thread
 from typing import Iterator, Optional
 
-from vitune.data.records import Conversation, Message
+from vitune.data.records import Conversation, Message, fold_system_prompt
 from vitune.data.templates import Template, resolve_template
 from vitune.errors import UserError
-from vitune.models.loading import load_tokenizer, resolve_dtype
+from vitune.models.loading import check_safe_weights, damaged_files, load_pretrained, load_tokenizer, resolve_dtype
 
 
 @dataclass
@@ -34,7 +34,10 @@ class ChatModel:
         import torch
         from transformers import TextIteratorStreamer
 
-        prompt = self.template.prompt(Conversation(messages, system=system))
+        conv = Conversation(messages, system=system)
+        if system and getattr(self.template, "system_refused", None):
+            conv = fold_system_prompt(conv)  # a template that takes none (Gemma's): before the first question
+        prompt = self.template.prompt(conv)
         enc = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
@@ -46,17 +49,56 @@ class ChatModel:
             streamer=streamer,
             **sampling,
         )
-        worker = Thread(target=lambda: torch.no_grad()(self.model.generate)(**kwargs), daemon=True)
+        failed: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.no_grad():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # raised again below, in the caller's thread; the streamer must not wait forever
+                failed.append(exc)
+                streamer.end()
+
+        worker = Thread(target=generate, daemon=True)
         worker.start()
         yield from streamer
         worker.join()
+        if failed:
+            raise failed[0]
 
     def answer(self, messages: list[Message], system: Optional[str] = None, **kwargs) -> str:
         return "".join(self.stream(messages, system=system, **kwargs)).strip()
 
 
-def load_chat_model(path: str, template: str = "auto", base: Optional[str] = None) -> ChatModel:
-    """A run folder (adapter or full model) or any model folder / Hub id, ready to chat."""
+def adapter_base(adapter: Path) -> str:
+    """base_model_name_or_path of an adapter_config.json, or one line saying what is wrong with it."""
+    try:
+        settings = json.loads(adapter.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise UserError(f"{adapter}: not a JSON object (damaged?); restore it from the run, or retrain")
+    name = settings.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{adapter}: base_model_name_or_path is {name!r}, not a model; pass --base MODEL_FOLDER_OR_HUB_ID")
+    return name
+
+
+def check_generation_config(model, path: str, vocab: int) -> None:
+    """The token ids of generation_config.json, checked before generate() fails on them in its thread."""
+    settings = getattr(model, "generation_config", None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(settings, key, None)
+        ids = value if isinstance(value, list) else [value]
+        if value is not None and not all(type(i) is int and 0 <= i < vocab for i in ids):
+            raise UserError(f"{path}: generation_config.json has {key} = {value!r}, not a token id (0 to {vocab - 1}); "
+                            "fix it or delete generation_config.json")
+
+
+def load_chat_model(path: str, template: str = "auto", base: Optional[str] = None,
+                    allow_pickle: bool = False) -> ChatModel:
+    """A run folder (adapter or full model) or any model folder / Hub id, ready to chat.
+    Weights are read from safetensors only, unless `allow_pickle` (models/loading.py)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -72,17 +114,30 @@ def load_chat_model(path: str, template: str = "auto", base: Optional[str] = Non
     if adapter.is_file():
         from peft import PeftModel
 
-        base_name = base or json.loads(adapter.read_text())["base_model_name_or_path"]
+        check_safe_weights(run, allow_pickle)  # the adapter's own weights, before the base is loaded
+        base_name = base or adapter_base(adapter)
         try:
-            model = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype)
+            model = load_pretrained(AutoModelForCausalLM, base_name, allow_pickle, dtype=dtype)
+        except UserError:
+            raise
         except OSError as exc:
             raise UserError(f"cannot load the base model {base_name!r} of the adapter in {path}: {str(exc).splitlines()[0]}; pass --base") from None
-        model = PeftModel.from_pretrained(model, str(run))
+        except Exception as exc:
+            raise damaged_files(base_name, "base model", exc, "its config.json or weights") from None
+        try:
+            model = PeftModel.from_pretrained(model, str(run))
+        except Exception as exc:
+            raise damaged_files(path, "adapter", exc, "its adapter_config.json or adapter_model.safetensors") from None
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = load_pretrained(AutoModelForCausalLM, path, allow_pickle, dtype=dtype)
+        except UserError:
+            raise
         except OSError as exc:
             raise UserError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}") from None
+        except Exception as exc:
+            raise damaged_files(path, "model", exc, "its config.json or model weights") from None
+    check_generation_config(model, path, len(tokenizer))
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()

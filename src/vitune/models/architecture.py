@@ -144,13 +144,15 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config.json only (a Hub id downloads just that file), never its weights."""
     from transformers import AutoConfig
 
-    from vitune.models.loading import _check_model_path, _load_error
+    from vitune.models.loading import _check_model_path, _load_error, damaged_files
 
     _check_model_path(name_or_path)
     try:
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name_or_path, "config", exc) from None
+    except Exception as exc:
+        raise damaged_files(name_or_path, "config", exc, "its config.json") from None
 
 
 def lora_targets(arch: Architecture, target_modules: Any) -> list[Linear]:

@@ -134,6 +134,10 @@ def init_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
         raise UserError(f"--arch {arch!r} is not supported; choose one of {', '.join(TINY_FAMILIES)}")
     family = TINY_FAMILIES[arch]
     out = Path(out_dir)
+    # refused before the tokenizer is trained (seconds), not after
+    blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
     tokenizer = train_tiny_tokenizer(family)
     config = tiny_config(arch, tokenizer)
     torch.manual_seed(seed)
