@@ -117,6 +117,9 @@ def test_nf4_bytes_equal_bitsandbytes_storage(double_quant):
 def test_8bit_adam_state_bytes_equal_bitsandbytes():
     bnb = pytest.importorskip("bitsandbytes")
 
+    # Trainer registers 32-bit overrides for embeddings by id(param) in bitsandbytes' global
+    # manager; after an earlier in-process training run a new tensor can reuse such an id
+    bnb.optim.GlobalOptimManager.get_instance().initialize()
     shapes = [(16, 4096), (100,)]  # an 8-bit state, and one under min_8bit_size that stays fp32
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     opt = bnb.optim.AdamW8bit(params, lr=1e-3)
