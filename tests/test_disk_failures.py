@@ -203,3 +203,19 @@ def test_a_really_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tiny_l
     subprocess.run(["mount", "-o", "remount,size=200M", str(small_disk)], check=True)  # space freed
     assert main(["train", str(config), "--set", "train.resume=auto"]) == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_full_disk_under_any_other_write_is_one_line_and_exit_74(tmp_path, monkeypatch, capsys):
+    import vitune.train.sft as sft
+    from conftest import write_config
+
+    def metrics_write_fails(config, console=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(sft, "run_sft", metrics_write_fails)
+    config = write_config(tmp_path / "run.yaml", model={"name_or_path": "m"}, data={"train": [{"path": "x"}]})
+    assert main(["train", str(config)]) == 74
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == (f"error: No space left on device while writing {tmp_path / 'run' / 'metrics.jsonl'}; free space or "
+                   "check the disk, then run again (a training run resumes from its last complete checkpoint with "
+                   "--set train.resume=auto)")

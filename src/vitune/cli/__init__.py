@@ -7,13 +7,17 @@ resume from; anything else is a bug: exit 1.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vitune.errors import UserError
+from vitune.errors import DiskError, UserError
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 app = typer.Typer(
     name="vitune",
@@ -95,6 +99,14 @@ def _other_error(exc: Exception) -> int:
         return getattr(exc, "exit_code", 2)
     if "Abort" in names:
         return 130
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        # a full or failing disk under any other write (metrics.jsonl, tensorboard, the cache):
+        # not a bug; checkpoints and the final save say more themselves (train/checkpoint.py)
+        where = f" {exc.filename}" if exc.filename else ""
+        message = (f"{os.strerror(exc.errno)} while writing{where}; free space or check the disk, then run again "
+                   "(a training run resumes from its last complete checkpoint with --set train.resume=auto)")
+        err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+        return DiskError.exit_code
     raise exc
 
 
