@@ -148,7 +148,6 @@ def kill_9_run(proc: subprocess.Popen) -> None:
     assert not alive, alive
 
 
-@pytest.mark.slow
 def test_kill_9_after_a_sharded_checkpoint_then_resume_gives_the_same_losses(sharded, tiny_llama, tmp_path):
     out = tmp_path / "killed"
     config = run_config(tmp_path, tiny_llama, out, fsdp=str(FSDP2), save_steps=SAVE_STEPS)
@@ -170,7 +169,6 @@ def test_kill_9_after_a_sharded_checkpoint_then_resume_gives_the_same_losses(sha
     assert same_weights(out, sharded)  # bit for bit
 
 
-@pytest.mark.slow
 def test_lora_under_fsdp_shards_the_adapter_and_ends_in_a_plain_adapter_folder(tiny_llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
