@@ -3,7 +3,7 @@
 `run_cli(argv, cwd)` runs `vitune.cli.main(argv)` in this process with stdout, stderr and
 stdin replaced; an exception raising out of `main` is a bug and fails the case as it is.
 `check_user_facing(outcome)` checks what the user sees: exit 0, 2 (a mistake of theirs) or
-130 (interrupted), and a 2 says one line "error: ..." (or click's usage text).
+130 (interrupted) or 74 (a full disk), and a 2 or 74 says one line "error: ..." (or click's usage text).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from hypothesis import note
 
 from vitune.cli import main
 
-OK, USER_ERROR, INTERRUPTED = 0, 2, 130
+OK, USER_ERROR, INTERRUPTED, DISK = 0, 2, 130, 74  # 74: a full or failing disk (errors.DiskError)
 
 # cases run in this session by (target, exit code), shrinking included; printed at the end of the run
 CASES: Counter = Counter()
@@ -62,9 +62,9 @@ def run_cli(argv: list[str], cwd: Path, stdin: str = "") -> Outcome:
 
 
 def check_user_facing(outcome: Outcome) -> None:
-    assert outcome.code in (OK, USER_ERROR, INTERRUPTED), f"exit code {outcome.code!r} for {outcome.argv!r}"
+    assert outcome.code in (OK, USER_ERROR, INTERRUPTED, DISK), f"exit code {outcome.code!r} for {outcome.argv!r}"
     assert "Traceback" not in outcome.err and "Traceback" not in outcome.out, outcome.err
-    if outcome.code == USER_ERROR:
+    if outcome.code in (USER_ERROR, DISK):
         # lines as a terminal shows them: str.splitlines would also split at \x1c-\x1e, \x85, \u2028
         lines = outcome.err.strip("\n").split("\n") if outcome.err.strip("\n") else []
         if "Usage: " in outcome.err or (not lines and "Usage: " in outcome.out):
