@@ -207,3 +207,11 @@ def test_chat_puts_the_system_prompt_before_the_first_question_for_such_a_templa
     bot.answer([Message("user", "Chào!")], system=SYSTEM, max_new_tokens=1)
     assert [(m.role, m.content) for m in seen[0].messages] == [("user", f"{SYSTEM}\n\nChào!")]
     assert seen[0].system is None
+
+
+def test_refusals_come_back_from_worker_processes(tokenizer_folder, tmp_path, capsys):
+    argv, path = inspect(tmp_path, tokenizer_folder(MISTRAL_V02), on_error="skip", num_proc=2)
+    assert main(argv) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert (stats["rows_read"], stats["rows_kept"], stats["rejected_by_reason"]) == (5, 3, {"template refused": 2})
+    assert [line.split(": ", 1)[0] for line in stats["first_rejections"]] == [f"{path}:3", f"{path}:5"]

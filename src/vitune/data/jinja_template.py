@@ -42,6 +42,9 @@ class TemplateRefused(DataError):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
 
+    def __reduce__(self):  # data.num_proc: refusals come back from worker processes
+        return TemplateRefused, (self.reason, self.detail)
+
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
