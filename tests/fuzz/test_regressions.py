@@ -257,3 +257,13 @@ def test_chat_with_a_generation_config_whose_token_id_is_not_one(tiny_llama, tmp
     assert run(["chat", folder, "--prompt", "hi", "--max-new-tokens", "1"], capsys) == (
         2, f"error: {folder}: generation_config.json has bos_token_id = {{}}, not a token id (0 to 4095); fix it or "
         "delete generation_config.json\n")
+
+
+# ---------------------------------------------------------------- argv
+
+
+def test_a_tilde_path_naming_no_user_is_not_found(tmp_path, capsys, monkeypatch):
+    # "~0" names the home of a user "0"; pathlib raised RuntimeError where no such user exists
+    monkeypatch.chdir(tmp_path)
+    assert run(["chat", "--max-new-tokens", "1", "~0"], capsys) == (
+        2, "error: model not found: ~0 (model.name_or_path must be a local model folder or a Hub id such as Viet-Mistral/Vistral-7B-Chat)\n")

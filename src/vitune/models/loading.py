@@ -10,6 +10,7 @@ user trusts it. trust_remote_code stays off unless the config turns it on.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def _looks_local(name: str) -> bool:
 
 
 def _check_model_path(name: str, needs: str = "config.json") -> None:
-    path = Path(name).expanduser()
+    path = Path(os.path.expanduser(name))
     if _looks_local(name) and not path.exists():
         raise UserError(f"model not found: {name} (model.name_or_path must be a local model folder or a Hub id such as Viet-Mistral/Vistral-7B-Chat)")
     if path.is_dir() and not (path / needs).is_file():
@@ -65,7 +66,7 @@ def check_safe_weights(name_or_path: str | Path, allow_pickle: bool) -> None:
     Every loader calls this before reading weights. Hub ids are not looked at here:
     `load_pretrained` asks transformers for safetensors and turns its refusal into the same line.
     """
-    folder = Path(str(name_or_path)).expanduser()
+    folder = Path(os.path.expanduser(str(name_or_path)))
     if allow_pickle or not folder.is_dir():
         return
     files = [p.name for p in folder.iterdir() if p.is_file()]

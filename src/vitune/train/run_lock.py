@@ -26,7 +26,7 @@ from vitune.errors import UserError
 
 def lock_file(output_dir: Path) -> Path:
     """The lock file of a run folder: beside it, named after it (symlinks resolved)."""
-    folder = Path(output_dir).expanduser().resolve()
+    folder = Path(os.path.expanduser(str(output_dir))).resolve()
     return folder.parent / f".{folder.name}.vitune-lock"
 
 
