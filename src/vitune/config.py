@@ -9,6 +9,7 @@ here quietly rewrites what the user wrote.
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -16,6 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from vitune.errors import ConfigError
+
+
+def cache_home() -> Path:
+    """Where vitune caches prepared data and converted models: $VITUNE_CACHE_DIR or ~/.cache/vitune."""
+    return Path(os.environ.get("VITUNE_CACHE_DIR") or os.path.expanduser(os.path.join("~", ".cache", "vitune")))
 
 
 class Section(BaseModel):

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from vitune.config import DataConfig
+from vitune.config import DataConfig, cache_home
 from vitune.data.records import Rejection
 from vitune.data.sources import resolve_files
 from vitune.data.tokenize import TokenizedRow
@@ -26,7 +26,7 @@ FORMAT_VERSION = "2"  # 2: auto templates locate answers anew and may add EOS
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("VITUNE_CACHE_DIR", Path.home() / ".cache" / "vitune")) / "prepared"
+    return cache_home() / "prepared"
 
 
 def _file_digest(path: Path) -> str:

@@ -12,6 +12,7 @@ from typing import Iterator, Optional
 from vitune.data.records import Conversation, Message, fold_system_prompt
 from vitune.data.templates import Template, resolve_template
 from vitune.errors import UserError
+from vitune.models.gguf import model_source
 from vitune.models.loading import check_safe_weights, damaged_files, load_pretrained, load_tokenizer, resolve_dtype
 
 
@@ -102,6 +103,7 @@ def load_chat_model(path: str, template: str = "auto", base: Optional[str] = Non
     import torch
     from transformers import AutoModelForCausalLM
 
+    path = model_source(path)  # a .gguf file: its converted folder (models/gguf.py)
     run = Path(path)
     if run.is_dir() and (run / "config.yaml").is_file() and not (run / "summary.json").is_file():
         raise UserError(f"{path} is an unfinished run (no summary.json): training did not complete; train again")

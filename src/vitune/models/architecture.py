@@ -146,9 +146,9 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False):
 
     from vitune.models.loading import _check_model_path, _load_error, damaged_files
 
-    _check_model_path(name_or_path)
+    source = _check_model_path(name_or_path)
     try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(name_or_path, "config", exc) from None
     except Exception as exc:

@@ -16,18 +16,25 @@ from pathlib import Path
 
 from vitune.config import MethodConfig, ModelConfig
 from vitune.errors import UserError
+from vitune.models.gguf import is_gguf
 
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
-def _check_model_path(name: str, needs: str = "config.json") -> None:
+def _check_model_path(name: str, needs: str = "config.json") -> str:
+    """The folder or Hub id to load `name` from (a .gguf file: its converted folder), checked."""
+    from vitune.models.gguf import model_source
+
+    if is_gguf(name):
+        return model_source(name)
     path = Path(os.path.expanduser(name))
     if _looks_local(name) and not path.exists():
         raise UserError(f"model not found: {name} (model.name_or_path must be a local model folder or a Hub id such as Viet-Mistral/Vistral-7B-Chat)")
     if path.is_dir() and not (path / needs).is_file():
         raise UserError(f"{name} is a folder but holds no {needs}; point model.name_or_path at a Hugging Face model folder")
+    return name
 
 
 def _load_error(name: str, what: str, exc: Exception) -> UserError:
@@ -95,9 +102,9 @@ def load_pretrained(auto_class, name_or_path: str, allow_pickle: bool, **kwargs)
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    _check_model_path(name_or_path, needs="tokenizer_config.json")
+    source = _check_model_path(name_or_path, needs="tokenizer_config.json")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, "tokenizer", exc) from None
     except Exception as exc:
@@ -137,8 +144,7 @@ def load_model(model_cfg: ModelConfig, method: MethodConfig):
     """The base model, in the dtype and attention the config asks for, quantised for QLoRA."""
     from transformers import AutoModelForCausalLM
 
-    name = model_cfg.name_or_path
-    _check_model_path(name)
+    name = _check_model_path(model_cfg.name_or_path)
     dtype = resolve_dtype(model_cfg.dtype)
     kwargs = dict(
         dtype=dtype,

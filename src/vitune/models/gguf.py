@@ -1,0 +1,175 @@
+"""GGUF files as model sources: `model.name_or_path: path/to/model.gguf`.
+
+transformers reads a GGUF through its `gguf_file=` support and de-quantises it, but refuses to
+save the result ("quantized with gguf and is not serializable"), and every load de-quantises
+again (about 30 s for a 135M model on 2 cores). So the first use converts the file into an
+ordinary Hugging Face model folder (safetensors in fp32, tokenizer with the file's chat
+template, generation config) in the cache, keyed by the file's SHA-256; later uses load that
+folder in about a second. Every loader (training, estimate, data inspect, chat) goes through
+`model_source`, so the rest of vitune only ever sees model folders.
+
+A conversion is written into a temporary folder and renamed into place when complete, so an
+interrupted one (Ctrl-C, a full disk) leaves nothing a later run would trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from vitune.config import cache_home
+from vitune.errors import UserError
+
+MAGIC = b"GGUF"
+MARKER = "vitune_gguf.json"  # written last: says which file the folder was converted from
+_converted: dict[str, str] = {}  # this process's conversions: one notice per file
+
+
+def is_gguf(name: str | os.PathLike) -> bool:
+    return str(name).lower().endswith(".gguf")
+
+
+def gguf_cache_dir() -> Path:
+    return cache_home() / "models"
+
+
+def model_source(name: str, say=None) -> str:
+    """`name` itself, or for a `.gguf` file the folder of its conversion (made on first use).
+
+    `say(line)` is told which happened; by default the line goes to stderr."""
+    if not is_gguf(name):
+        return name
+    path = Path(os.path.expanduser(name))
+    key = str(path.resolve()) if path.exists() else name
+    if key in _converted:
+        return _converted[key]
+    folder, converted, seconds = cached_conversion(path)
+    line = (f"model: converted {path.name} to a Hugging Face model folder in {seconds:.0f} s: {folder}" if converted
+            else f"model: {path.name} was converted before; loading {folder}")
+    (say or _stderr)(line)
+    _converted[key] = str(folder)
+    return str(folder)
+
+
+def cached_conversion(path: Path, cache_dir: Path | None = None) -> tuple[Path, bool, float]:
+    """(folder, converted now?, seconds): the cache entry for the GGUF file `path`, made if missing."""
+    check_gguf_file(path)
+    digest = _sha256(path)
+    root = cache_dir or gguf_cache_dir()
+    folder = root / f"{_safe_stem(path)}-{digest[:16]}"
+    if (folder / MARKER).is_file():
+        return folder, False, 0.0
+    started = time.perf_counter()
+    convert_gguf(path, folder, digest)
+    return folder, True, time.perf_counter() - started
+
+
+def check_gguf_file(path: Path) -> None:
+    """One line for a file that is missing, not GGUF, or unreadable without the `gguf` package."""
+    if not path.is_file():
+        raise UserError(f"model not found: {path} (a .gguf model.name_or_path must be an existing file)")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head != MAGIC:
+        raise UserError(f"{path}: not a GGUF file (it starts with {head!r}, not b'GGUF'); "
+                        "point model.name_or_path at a .gguf model file or a model folder")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError(f"reading {path} needs the gguf package; install it with: pip install gguf")
+
+
+def convert_gguf(path: Path, out: Path, digest: str | None = None) -> Path:
+    """Write the GGUF file `path` as an ordinary model folder `out` (complete or not at all)."""
+    check_gguf_file(path)
+    architecture = _architecture(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        _write_folder(path, partial, architecture)
+        (partial / MARKER).write_text(json.dumps(
+            {"source": str(path.resolve()), "sha256": digest or _sha256(path), "architecture": architecture}, indent=2),
+            encoding="utf-8")
+        try:
+            partial.rename(out)
+        except OSError:
+            if not (out / MARKER).is_file():  # another process finished the same conversion first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return out
+
+
+def _write_folder(path: Path, out: Path, architecture: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where, name = str(path.parent), path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        config = AutoConfig.from_pretrained(where, gguf_file=name)
+        quantised = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    except ValueError as exc:
+        if "not supported" in str(exc):
+            raise UserError(f"{path}: transformers cannot convert GGUF architecture {architecture!r} "
+                            f"({_first_line(exc)}); use the model's Hugging Face folder or Hub id instead") from None
+        raise UserError(f"{path}: cannot read it as GGUF ({_first_line(exc)}); the file may be damaged: get it again") from None
+    except (OSError, KeyError, IndexError, TypeError, RuntimeError) as exc:
+        raise UserError(f"{path}: cannot read it as GGUF ({_first_line(exc)}); the file may be truncated: get it again") from None
+    # The de-quantised weights go into a model built from the plain config: transformers will
+    # not save a model that carries the GGUF quantization_config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), assign=True, strict=False)
+    model.tie_weights()
+    model.generation_config = quantised.generation_config
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise UserError(f"{path}: the GGUF holds no weights for {missing[0]} ({len(missing)} tensors missing); "
+                        "it may be a vocabulary-only file: use a complete model file")
+    del quantised
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out), save_jinja_files=False)
+
+
+def _architecture(path: Path) -> str:
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        return bytes(field.parts[field.data[0]]).decode("utf-8") if field else "unknown"
+    except Exception as exc:  # gguf raises ValueError, IndexError or numpy errors on a cut-short file
+        raise UserError(f"{path}: cannot read it as GGUF ({_first_line(exc)}); the file may be truncated: get it again") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _safe_stem(path: Path) -> str:
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem)
+    return stem[:80] or "model"
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _stderr(line: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(escape(line), highlight=False, soft_wrap=True)
