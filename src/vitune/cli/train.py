@@ -63,6 +63,9 @@ def train(
         f"done: {s['steps']} steps in {s['seconds']:.0f} s, {loss}"
         f"{s['tokens_per_s']:,.0f} tokens/s. Run folder: {escape(str(result.output_dir))}"
     )
+    if s.get("eval_loss_end") is not None:
+        before = f"{s['eval_loss_start']:.4f} -> " if s.get("eval_loss_start") is not None else ""
+        console.print(f"held-out loss {before}{s['eval_loss_end']:.4f}")
     console.print(f"chat with it: vitune chat {escape(str(result.output_dir))}")
 
 

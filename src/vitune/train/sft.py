@@ -104,7 +104,8 @@ def plan_speed(config: RunConfig, model) -> SpeedPlan:
     return SpeedPlan(packing, attention, liger, every)
 
 
-def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan: SpeedPlan):
+def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan: SpeedPlan,
+                       resuming: bool = False):
     import torch
     from transformers import TrainingArguments
 
@@ -142,6 +143,8 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval and t.eval_steps else ("epoch" if has_eval else "no"),
         eval_steps=t.eval_steps,
+        # the held-out loss before any training, to compare the end against (not again on resume)
+        eval_on_start=has_eval and not resuming,
         report_to=[r for r in t.report_to if r != "none"] or "none",
         disable_tqdm=True,
         remove_unused_columns=False,
@@ -360,7 +363,7 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
     stop = StopOnSignal()
     trainer = VituneTrainer(
         model=model,
-        args=training_arguments(config, out, bool(eval_rows), plan),
+        args=training_arguments(config, out, bool(eval_rows), plan, resuming=resume_from is not None),
         train_dataset=_items(train_set),
         eval_dataset=_items(eval_set) or None,
         data_collator=collator,
@@ -376,7 +379,11 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         stop.uninstall()
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started - metrics.eval_seconds
+    if eval_set and not stop.received and (not metrics.evals or metrics.evals[-1][0] != trainer.state.global_step):
+        # eval_strategy "epoch" misses the end of a run cut short by max_steps; the end is what counts
+        with packed_attention(model) if plan.packing else nullcontext():
+            trainer.evaluate()
 
     run = trainer.throughput(trainer.real_tokens, trainer.token_slots, trainer.model_flops, seconds)
     summary = {
@@ -386,6 +393,9 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         "tokens_per_s": run["tokens_per_s"],
         "first_loss": metrics.losses[0][1] if metrics.losses else None,
         "final_loss": metrics.losses[-1][1] if metrics.losses else None,
+        # held-out loss on data.eval / data.val_size rows, before training and at the end
+        "eval_loss_start": metrics.evals[0][1] if metrics.evals and metrics.evals[0][0] == 0 else None,
+        "eval_loss_end": metrics.evals[-1][1] if metrics.evals else None,
         # bins filled (packing) or token slots used (padding): real tokens / slots either way
         "packing_efficiency": round(fill if plan.packing else 1 - run["padding_fraction"], 4),
         "padding_fraction": run["padding_fraction"],

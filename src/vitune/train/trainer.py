@@ -176,14 +176,23 @@ class MetricsFile(TrainerCallback):
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         self.losses: list[tuple[int, float]] = []
+        self.evals: list[tuple[int, float]] = []  # (step, held-out loss)
+        self.eval_seconds = 0.0  # time spent evaluating, which is not training speed
         if resume_step is not None and path.is_file():
             # a resumed run logs the steps after its checkpoint again: drop the old ones
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
             path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            for line in kept:
+                record = json.loads(line)
+                if "eval_loss" in record:
+                    self.evals.append((record["step"], record["eval_loss"]))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
+        if not logs:
+            return
+        self.eval_seconds += logs.get("eval_runtime", 0.0)
+        if not state.is_world_process_zero:
             return
         record = {"step": state.global_step}
         record.update({k: logs[k] for k in self.KEYS if k in logs})
@@ -191,6 +200,8 @@ class MetricsFile(TrainerCallback):
             return
         if "loss" in record:
             self.losses.append((state.global_step, record["loss"]))
+        if "eval_loss" in record:
+            self.evals.append((state.global_step, record["eval_loss"]))
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
