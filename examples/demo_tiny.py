@@ -1,7 +1,7 @@
-"""`make demo`: the whole path on the CPU in a few minutes.
+"""`make demo-tiny`: the whole path on the CPU in two minutes, on a tiny random model.
 
 1. build a tiny random Llama-architecture model with a tokenizer trained on the bundled data;
-2. fine-tune it with examples/quickstart.yaml (loss at start and end is printed);
+2. fine-tune it with examples/tiny.yaml (loss at start and end is printed);
 3. ask it questions from the training set and show the expected answer beside its own.
 """
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> int:
     quiet_libraries()
     console = Console()
-    config = load_config(ROOT / "examples" / "quickstart.yaml")
+    config = load_config(ROOT / "examples" / "tiny.yaml")
     console.rule("1. a tiny model")
     folder = init_tiny_model("llama", config.model.name_or_path)
     console.print(f"random Llama-architecture model and BPE tokenizer written to {folder}")
