@@ -11,16 +11,14 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from vitune.cli import quiet_libraries
+from vitune.cli import quiet_libraries, run_script
 from vitune.config import load_config
 from vitune.data.pipeline import DataReport, load_conversations
-from vitune.errors import UserError
 from vitune.infer.chat import load_chat_model
 from vitune.models.presets import PRESETS, write_preset
 from vitune.train.sft import run_sft
@@ -77,8 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
+    run_script(main)

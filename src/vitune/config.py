@@ -9,6 +9,7 @@ here quietly rewrites what the user wrote.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -22,6 +23,15 @@ from vitune.errors import ConfigError
 def cache_home() -> Path:
     """Where vitune caches prepared data and converted models: $VITUNE_CACHE_DIR or ~/.cache/vitune."""
     return Path(os.environ.get("VITUNE_CACHE_DIR") or os.path.expanduser(os.path.join("~", ".cache", "vitune")))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks: what cache entries are keyed by."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class Section(BaseModel):

@@ -61,12 +61,17 @@ def run_cli(argv: list[str], cwd: Path, stdin: str = "") -> Outcome:
     return outcome
 
 
+PROGRESS_LINES = ("model: ",)
+
+
 def check_user_facing(outcome: Outcome) -> None:
     assert outcome.code in (OK, USER_ERROR, INTERRUPTED, DISK), f"exit code {outcome.code!r} for {outcome.argv!r}"
     assert "Traceback" not in outcome.err and "Traceback" not in outcome.out, outcome.err
     if outcome.code in (USER_ERROR, DISK):
         # lines as a terminal shows them: str.splitlines would also split at \x1c-\x1e, \x85, \u2028
         lines = outcome.err.strip("\n").split("\n") if outcome.err.strip("\n") else []
+        # what vitune said before the error on stderr (a .gguf model's conversion) is not part of it
+        lines = [line for line in lines if not line.startswith(PROGRESS_LINES)]
         if "Usage: " in outcome.err or (not lines and "Usage: " in outcome.out):
             return  # click's usage message for a mistake on the command line (bare `vitune`: help, exit 2)
         if len(lines) == 1 and lines[0].startswith("Error: "):

@@ -336,13 +336,13 @@ def override(draw) -> str:
 COMMAND_TOKENS = ["train", "data", "inspect", "convert", "estimate", "init-model", "chat", "--help", "help"]
 OPTION_TOKENS = [
     "--set", "--dry-run", "--nproc", "--device", "--json", "-n", "--to", "--from", "--force", "--arch", "--out",
-    "--seed", "--prompt", "--system", "--template", "--temperature", "--top-p", "--max-new-tokens", "--base",
+    "--seed", "--preset", "--prompt", "--system", "--template", "--temperature", "--top-p", "--max-new-tokens", "--base",
     "--", "-", "--set=", "-nx", "--json=1", "--unknown",
 ]
 VALUE_TOKENS = [
     "@CONFIG@", "@BADCONFIG@", "@DATA@", "@MODEL@", "@MISSING@", "@OUT@/out.jsonl", "@OUT@", "sharegpt", "alpaca",
     "messages", "chatml", "T4", "H100", "CPU", "tpu", "0", "1", "-1", "nan", "1e9", "-0.5", "gpt9",
-    "train.epochs=1", "data.max_length=8", "=", "",
+    "train.epochs=1", "data.max_length=8", "=", "", "smollm2-135m-instruct", "x.gguf", "@DATA@.gguf",
 ]
 
 

@@ -262,6 +262,58 @@ def run_init_model(case, ws: Workspace) -> Outcome:
 INIT_OUT_BAD = ["a_file", "a_file/sub"]
 
 
+# ---------------------------------------------------------------- .gguf model files
+
+_GGUF_BASE: list[bytes] = []
+
+
+def gguf_base() -> bytes:
+    """A small well-formed llama GGUF (metadata, a vocabulary, one tensor) that cases cut and flip."""
+    if not _GGUF_BASE:
+        import tempfile
+
+        import numpy as np
+        from gguf import GGUFWriter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.gguf"
+            writer = GGUFWriter(str(path), "llama")
+            writer.add_block_count(1)
+            writer.add_context_length(64)
+            writer.add_embedding_length(8)
+            writer.add_head_count(2)
+            writer.add_tokenizer_model("gpt2")
+            writer.add_token_list(["a", "b", "ab", "<s>"])
+            writer.add_token_merges(["a b"])
+            writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            _GGUF_BASE.append(path.read_bytes())
+    return _GGUF_BASE[0]
+
+
+@st.composite
+def gguf_case(draw):
+    data = bytearray(gguf_base())
+    cut = draw(st.none() | st.integers(0, len(data)))
+    for _ in range(draw(st.integers(0, 4))):
+        data[draw(st.integers(4, len(data) - 1))] = draw(st.integers(0, 255))
+    command = draw(st.sampled_from([["estimate"], ["data", "inspect"], ["chat"], ["train", "--dry-run"]]))
+    return bytes(data[:cut] if cut is not None else data), command
+
+
+def run_gguf_file(case, ws: Workspace) -> Outcome:
+    contents, command = case
+    model = ws.write("model.gguf", contents)
+    if command == ["chat"]:
+        return ws.cli(["chat", str(model), "--prompt", "Xin chào", "--max-new-tokens", "1"])
+    config = ws.config({"model": {"name_or_path": str(model)}, "data": {"train": [{"path": "@DATA@"}]},
+                        "train": {"output_dir": "@OUT@"}})
+    return ws.cli([*command, str(config)])
+
+
 TARGETS = [
     FuzzTarget("data-rows", st.tuples(s.data_file(), s.data_settings(), DATA_COMMANDS), run_data_rows, 60, check_rows),
     FuzzTarget("data-convert", st.tuples(
@@ -280,4 +332,5 @@ TARGETS = [
         st.tuples(s.odd_text.filter(lambda a: a not in ("llama", "mistral", "qwen2", "bloom")),
                   st.sampled_from(INIT_OUT_BAD + ["new", "a_file"])),
     ), run_init_model, 20),
+    FuzzTarget("gguf-file", gguf_case(), run_gguf_file, 30),
 ]

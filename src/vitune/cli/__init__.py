@@ -81,6 +81,18 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0
 
 
+def run_script(script_main) -> None:
+    """Run a script's `main()` (examples/demo.py) as vitune runs a command: a user error is one
+    line and its exit status, never a traceback. Exits with main's return value."""
+    quiet_libraries()
+    try:
+        code = script_main()
+    except UserError as exc:
+        err_console.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
+        code = exc.exit_code
+    sys.exit(code)
+
+
 def one_line(message: str) -> str:
     """A user error is one line: control characters from the user's own paths, keys and values
     (a newline in a file name, a NUL in a --set value) are shown escaped, as Python writes them."""

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from vitune.config import DataConfig, cache_home
+from vitune.config import DataConfig, cache_home, file_sha256
 from vitune.data.records import Rejection
 from vitune.data.sources import resolve_files
 from vitune.data.tokenize import TokenizedRow
@@ -27,14 +27,6 @@ FORMAT_VERSION = "2"  # 2: auto templates locate answers anew and may add EOS
 
 def default_cache_dir() -> Path:
     return cache_home() / "prepared"
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def cache_key(data: DataConfig, tokenizer, template, seed: int) -> str:
@@ -53,7 +45,7 @@ def cache_key(data: DataConfig, tokenizer, template, seed: int) -> str:
         files = resolve_files(spec.path)
         if files:
             for f in files:
-                add("file", f"{f.name}:{_file_digest(f)}")
+                add("file", f"{f.name}:{file_sha256(f)}")
         else:
             add("hub", f"{spec.path}:{spec.split}")  # a Hub dataset: its name and split
     add("tokenizer", hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest())

@@ -14,15 +14,16 @@ interrupted one (Ctrl-C, a full disk) leaves nothing a later run would trust.
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
 import time
 from pathlib import Path
 
-from vitune.config import cache_home
+from vitune.config import cache_home, file_sha256
 from vitune.errors import UserError
 
 MAGIC = b"GGUF"
@@ -59,7 +60,7 @@ def model_source(name: str, say=None) -> str:
 def cached_conversion(path: Path, cache_dir: Path | None = None) -> tuple[Path, bool, float]:
     """(folder, converted now?, seconds): the cache entry for the GGUF file `path`, made if missing."""
     check_gguf_file(path)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     root = cache_dir or gguf_cache_dir()
     folder = root / f"{_safe_stem(path)}-{digest[:16]}"
     if (folder / MARKER).is_file():
@@ -92,7 +93,7 @@ def convert_gguf(path: Path, out: Path, digest: str | None = None) -> Path:
     try:
         _write_folder(path, partial, architecture)
         (partial / MARKER).write_text(json.dumps(
-            {"source": str(path.resolve()), "sha256": digest or _sha256(path), "architecture": architecture}, indent=2),
+            {"source": str(path.resolve()), "sha256": digest or file_sha256(path), "architecture": architecture}, indent=2),
             encoding="utf-8")
         try:
             partial.rename(out)
@@ -110,16 +111,24 @@ def _write_folder(path: Path, out: Path, architecture: str) -> None:
 
     where, name = str(path.parent), path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
-        config = AutoConfig.from_pretrained(where, gguf_file=name)
-        quantised = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
-    except ValueError as exc:
-        if "not supported" in str(exc):
+        # transformers draws its own tqdm bar while de-quantising; vitune says one line when done
+        with contextlib.redirect_stderr(io.StringIO()):
+            tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+            config = AutoConfig.from_pretrained(where, gguf_file=name)
+            quantised, loading = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32,
+                                                                      output_loading_info=True)
+    except Exception as exc:  # the file is the user's: whatever its metadata breaks is a bad file, not a bug
+        if isinstance(exc, ValueError) and "is not supported yet" in str(exc):
             raise UserError(f"{path}: transformers cannot convert GGUF architecture {architecture!r} "
                             f"({_first_line(exc)}); use the model's Hugging Face folder or Hub id instead") from None
-        raise UserError(f"{path}: cannot read it as GGUF ({_first_line(exc)}); the file may be damaged: get it again") from None
-    except (OSError, KeyError, IndexError, TypeError, RuntimeError) as exc:
-        raise UserError(f"{path}: cannot read it as GGUF ({_first_line(exc)}); the file may be truncated: get it again") from None
+        raise unreadable(path, exc) from None
+    # transformers fills weights the file lacks with random ones and only logs it: refuse instead
+    missing = sorted(set(loading["missing_keys"]) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+    if missing or loading["mismatched_keys"]:
+        what = f"no weights for {missing[0]} ({len(missing)} tensors missing)" if missing else \
+            f"weights of the wrong shape for {sorted(loading['mismatched_keys'])[0]}"
+        raise UserError(f"{path}: the GGUF holds {what}; it may be a vocabulary-only or damaged file: "
+                        "use a complete model file")
     # The de-quantised weights go into a model built from the plain config: transformers will
     # not save a model that carries the GGUF quantization_config.
     if hasattr(config, "quantization_config"):
@@ -130,10 +139,6 @@ def _write_folder(path: Path, out: Path, architecture: str) -> None:
     model.load_state_dict(quantised.state_dict(), assign=True, strict=False)
     model.tie_weights()
     model.generation_config = quantised.generation_config
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise UserError(f"{path}: the GGUF holds no weights for {missing[0]} ({len(missing)} tensors missing); "
-                        "it may be a vocabulary-only file: use a complete model file")
     del quantised
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out), save_jinja_files=False)
@@ -147,15 +152,12 @@ def _architecture(path: Path) -> str:
         field = reader.fields.get("general.architecture")
         return bytes(field.parts[field.data[0]]).decode("utf-8") if field else "unknown"
     except Exception as exc:  # gguf raises ValueError, IndexError or numpy errors on a cut-short file
-        raise UserError(f"{path}: cannot read it as GGUF ({_first_line(exc)}); the file may be truncated: get it again") from None
+        raise unreadable(path, exc) from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(f"{path}: cannot read it as GGUF ({_first_line(exc)}); the file may be damaged or cut short: "
+                     "get it again")
 
 
 def _safe_stem(path: Path) -> str:
