@@ -145,3 +145,16 @@ def test_qlora_trains_it_in_4_bits_on_the_cpu(smollm2, tmp_path):
     assert len(linear4) == 30 * 7  # every linear of the 30 blocks is NF4; the tied embedding is not
     assert result.summary["steps"] == 2
     assert result.summary["eval_loss_end"] < result.summary["eval_loss_start"]
+
+
+def test_a_repetition_penalty_reaches_generate_only_when_asked(smollm2, monkeypatch):
+    from vitune.infer.chat import load_chat_model
+
+    bot = load_chat_model(str(smollm2))
+    seen = []
+    real = bot.model.generate
+    monkeypatch.setattr(bot.model, "generate", lambda **kw: (seen.append(kw.get("repetition_penalty")), real(**kw))[1])
+    question = [Message("user", "What is the capital of France?")]
+    assert bot.answer(question, max_new_tokens=40) == "The capital of France is Paris."
+    assert bot.answer(question, max_new_tokens=40, repetition_penalty=1.2) == "The capital of France is Paris."
+    assert seen == [None, 1.2]

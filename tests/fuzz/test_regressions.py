@@ -151,6 +151,9 @@ def test_chat_sampling_options_out_of_range_are_refused_before_loading(capsys):
     assert run(["chat", "runs/none", "--temperature", "nan"], capsys) == (
         2, "error: --temperature nan: use 0 (greedy) or a positive number such as 0.7\n")
     assert run(["chat", "runs/none", "--max-new-tokens", "0"], capsys) == (2, "error: --max-new-tokens 0: use at least 1\n")
+    for bad in ("0", "nan", "-1", "inf"):
+        assert run(["chat", "runs/none", "--repetition-penalty", bad], capsys) == (
+            2, f"error: --repetition-penalty {float(bad)}: use a positive number, 1 for none, such as 1.2\n")
 
 
 def test_an_error_inside_generate_reaches_the_caller(tiny_llama):

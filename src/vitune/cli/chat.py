@@ -25,6 +25,7 @@ def chat(
     temperature: float = typer.Option(0.0, help="0 = greedy decoding"),
     top_p: float = typer.Option(0.9, help="Nucleus sampling when temperature > 0"),
     max_new_tokens: int = typer.Option(256, help="Longest answer in tokens"),
+    repetition_penalty: float = typer.Option(1.0, help="Above 1 (e.g. 1.2) discourages repeating earlier tokens; 1 = off"),
     base: Optional[str] = typer.Option(None, help="Base model of an adapter, if it moved", show_default=False),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Also load pickle weights (*.bin, *.pt): only from a source you trust, "
@@ -40,11 +41,14 @@ def chat(
         raise UserError(f"--temperature {temperature}: use 0 (greedy) or a positive number such as 0.7")
     if not 0 < top_p <= 1:
         raise UserError(f"--top-p {top_p}: use a number above 0 and at most 1, such as 0.9")
+    if not 0 < repetition_penalty < float("inf"):
+        raise UserError(f"--repetition-penalty {repetition_penalty}: use a positive number, 1 for none, such as 1.2")
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {max_new_tokens}: use at least 1")
     console = Console(highlight=False)
     bot = load_chat_model(run_dir, template=template, base=base, allow_pickle=allow_pickle)
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                    repetition_penalty=repetition_penalty)
     if prompt is not None:
         for piece in bot.stream([Message("user", prompt)], system=system, **settings):
             console.print(piece, end="", markup=False)

@@ -30,6 +30,7 @@ class ChatModel:
         max_new_tokens: int = 256,
         temperature: float = 0.0,
         top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
     ) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
         import torch
@@ -42,6 +43,8 @@ class ChatModel:
         enc = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
+        if repetition_penalty != 1.0:  # above 1 makes tokens already in the prompt or answer less likely
+            sampling["repetition_penalty"] = repetition_penalty
         kwargs = dict(
             **enc,
             max_new_tokens=max_new_tokens,
