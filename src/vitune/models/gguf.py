@@ -115,8 +115,11 @@ def _write_folder(path: Path, out: Path, architecture: str) -> None:
         with contextlib.redirect_stderr(io.StringIO()):
             tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
             config = AutoConfig.from_pretrained(where, gguf_file=name)
+            check_weight_count(path, config)
             quantised, loading = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32,
                                                                       output_loading_info=True)
+    except UserError:
+        raise
     except Exception as exc:  # the file is the user's: whatever its metadata breaks is a bad file, not a bug
         if isinstance(exc, ValueError) and "is not supported yet" in str(exc):
             raise UserError(f"{path}: transformers cannot convert GGUF architecture {architecture!r} "
@@ -142,6 +145,22 @@ def _write_folder(path: Path, out: Path, architecture: str) -> None:
     del quantised
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out), save_jinja_files=False)
+
+
+def check_weight_count(path: Path, config) -> None:
+    """Refuse, before anything is allocated, a file whose metadata describes more weights than it
+    holds: a damaged dimension would make transformers allocate a model of any size (tens of GB),
+    and missing tensors would be filled with random weights."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):  # shapes only, no memory
+        needed = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    held = sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    if needed > held:
+        raise UserError(f"{path}: its metadata describes a model of {needed:,} weights but it holds {held:,}; "
+                        "it may be a vocabulary-only or damaged file: use a complete model file")
 
 
 def _architecture(path: Path) -> str:
