@@ -155,21 +155,9 @@ def test_a_gguf_without_the_weights_of_its_layers_is_refused_not_filled_with_ran
 
 def test_a_damaged_dimension_is_refused_before_a_huge_model_is_allocated(tmp_path, capsys):
     # llama.embedding_length 8 -> 2**24: a 16M-wide model transformers would allocate (found by fuzzing: OOM)
-    from gguf import GGUFWriter
+    from fuzz.targets import write_llama_gguf
 
-    path = tmp_path / "wide.gguf"
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_block_count(2)
-    writer.add_embedding_length(1 << 24)
-    writer.add_head_count(2)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["a", "b", "ab", "<s>"])
-    writer.add_token_merges(["a b"])
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_llama_gguf(tmp_path / "wide.gguf", embedding_length=1 << 24)
     code, err = run(["estimate", train_config(tmp_path, str(path))], capsys)
     assert code == 2 and err.startswith(f"error: {path}: its metadata describes a model of ")
     assert err.endswith(" weights but it holds 32; it may be a vocabulary-only or damaged file: use a complete model file\n")

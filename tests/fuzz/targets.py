@@ -267,30 +267,34 @@ INIT_OUT_BAD = ["a_file", "a_file/sub"]
 _GGUF_BASE: list[bytes] = []
 
 
+def write_llama_gguf(path: Path, embedding_length: int = 8) -> Path:
+    """A small well-formed llama GGUF: metadata, a 4-token vocabulary, and token_embd.weight only."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(64)
+    writer.add_embedding_length(embedding_length)
+    writer.add_head_count(2)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(["a", "b", "ab", "<s>"])
+    writer.add_token_merges(["a b"])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def gguf_base() -> bytes:
-    """A small well-formed llama GGUF (metadata, a vocabulary, one tensor) that cases cut and flip."""
+    """The bytes fuzz cases cut and flip: write_llama_gguf's file."""
     if not _GGUF_BASE:
         import tempfile
 
-        import numpy as np
-        from gguf import GGUFWriter
-
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.gguf"
-            writer = GGUFWriter(str(path), "llama")
-            writer.add_block_count(1)
-            writer.add_context_length(64)
-            writer.add_embedding_length(8)
-            writer.add_head_count(2)
-            writer.add_tokenizer_model("gpt2")
-            writer.add_token_list(["a", "b", "ab", "<s>"])
-            writer.add_token_merges(["a b"])
-            writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            _GGUF_BASE.append(path.read_bytes())
+            _GGUF_BASE.append(write_llama_gguf(Path(tmp) / "m.gguf").read_bytes())
     return _GGUF_BASE[0]
 
 
