@@ -3,7 +3,6 @@ conversion that does not finish leaves nothing a later run would trust."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from vitune.cli import main
@@ -33,16 +32,9 @@ def fresh_memo(monkeypatch, tmp_path):
 
 def rwkv_gguf(path):
     """A well-formed GGUF of an architecture transformers cannot read."""
-    from gguf import GGUFWriter
+    from fuzz.targets import write_llama_gguf
 
-    writer = GGUFWriter(str(path), "rwkv6")
-    writer.add_block_count(1)
-    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_llama_gguf(path, architecture="rwkv6")
 
 
 def test_a_file_that_is_not_gguf(tmp_path, capsys):

@@ -267,12 +267,12 @@ INIT_OUT_BAD = ["a_file", "a_file/sub"]
 _GGUF_BASE: list[bytes] = []
 
 
-def write_llama_gguf(path: Path, embedding_length: int = 8) -> Path:
-    """A small well-formed llama GGUF: metadata, a 4-token vocabulary, and token_embd.weight only."""
+def write_llama_gguf(path: Path, embedding_length: int = 8, architecture: str = "llama") -> Path:
+    """A small well-formed GGUF (llama unless told): metadata, a 4-token vocabulary, token_embd.weight only."""
     import numpy as np
     from gguf import GGUFWriter
 
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), architecture)
     writer.add_block_count(1)
     writer.add_context_length(64)
     writer.add_embedding_length(embedding_length)
