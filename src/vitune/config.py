@@ -65,6 +65,11 @@ class ModelConfig(Section):
         False, description="Also load weights stored as pickle files (*.bin, *.pt, *.pth, *.ckpt, *.pkl) when a "
         "model, adapter or checkpoint has no safetensors; off: loading pickle can run arbitrary code."
     )
+    adapter: Optional[str] = Field(
+        None, description="A LoRA adapter to start from: an earlier run folder (e.g. runs/my-sft) or adapter "
+        "folder whose base is name_or_path. It is trained further, and it is the reference model of the dpo and "
+        "rl stages (not the bare base). Needs method.type lora or qlora; the adapter's own LoRA settings apply."
+    )
 
 
 # ---------------------------------------------------------------- method
@@ -97,7 +102,7 @@ class MethodConfig(Section):
 
 # ---------------------------------------------------------------- data
 
-DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "unpaired"]
 
 
 class DatasetSpec(Section):
@@ -155,8 +160,16 @@ class DataConfig(Section):
 # ---------------------------------------------------------------- train
 
 
+Stage = Literal["sft", "rm", "dpo", "rl"]
+
+
 class TrainConfig(Section):
-    stage: Literal["sft"] = Field("sft", description="Training stage. This release supports sft.")
+    stage: Stage = Field(
+        "sft",
+        description="sft: supervised fine-tuning on instructions or conversations; rm: a reward model on "
+        "preference pairs; dpo: preference optimisation (the dpo section picks the loss); rl: reinforcement "
+        "learning from rewards (the rl section).",
+    )
     epochs: float = Field(3.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     micro_batch_size: int = Field(4, gt=0)
@@ -214,11 +227,59 @@ class TrainConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------- stages
+
+
+class DpoConfig(Section):
+    loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo", "kto"] = Field(
+        "sigmoid",
+        description="sigmoid: DPO (Rafailov et al. 2023); ipo: IPO (Azar et al. 2023); hinge: SLiC's hinge loss "
+        "(Zhao et al. 2023); orpo: ORPO, no reference (Hong et al. 2024); simpo: SimPO, no reference (Meng et "
+        "al. 2024); kto: KTO, also on unpaired rows (Ethayarajh et al. 2024).",
+    )
+    beta: float = Field(0.1, gt=0, description="Strength of the preference term (ORPO: its lambda; SimPO: its beta, "
+                        "usually 2 to 10).")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: the share of pairs assumed "
+                                   "mislabelled (conservative DPO).")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin gamma.")
+    desirable_weight: float = Field(1.0, gt=0, description="kto only: weight of the desirable (chosen) answers.")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto only: weight of the undesirable (rejected) answers.")
+    precompute_reference: bool = Field(
+        False, description="Compute the reference log-probabilities once before training, so no reference forward "
+        "runs during it (and full fine-tuning needs no second copy of the model).")
+
+
+class RewardSource(Section):
+    model: Optional[str] = Field(None, description="A vitune reward-model run folder (train.stage: rm).")
+    function: Optional[str] = Field(None, description="A Python function as module:function, given the prompt and "
+                                    "the completion (strings), returning a float.")
+    weight: float = Field(1.0, description="Weight of this reward in the sum.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "RewardSource":
+        if bool(self.model) == bool(self.function):
+            raise ValueError("give each reward either model: (a reward-model run) or function: (module:function)")
+        return self
+
+
+class RlConfig(Section):
+    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="grpo: GRPO (Shao et al. 2024); rloo: RLOO "
+                                               "(Ahmadian et al. 2024); both through TRL.")
+    rewards: list[RewardSource] = Field(min_length=1, description="Rewards, summed with their weights.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(128, gt=0)
+    beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the reference model (0: none, and no "
+                        "reference forward).")
+    temperature: float = Field(1.0, gt=0)
+
+
 class RunConfig(Section):
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    rl: Optional[RlConfig] = None
 
     @model_validator(mode="after")
     def _method_rules(self) -> "RunConfig":
@@ -226,6 +287,18 @@ class RunConfig(Section):
             raise ValueError("method.quantization is only used with method.type: qlora")
         if self.method.type == "full" and "lora" in self.method.model_fields_set:
             raise ValueError("method.lora is only used with method.type: lora or qlora")
+        if self.model.adapter and self.method.type == "full":
+            raise ValueError("model.adapter continues a LoRA adapter; use method.type: lora or qlora with it")
+        if self.model.adapter and "lora" in self.method.model_fields_set:
+            raise ValueError("model.adapter brings its own LoRA settings; remove method.lora")
+        stage = self.train.stage
+        if stage != "dpo" and "dpo" in self.model_fields_set:
+            raise ValueError(f"the dpo section is only used with train.stage: dpo (this run is stage {stage})")
+        if stage == "rl" and self.rl is None:
+            raise ValueError("train.stage: rl needs an rl section with at least one reward, e.g. "
+                             "rl: {rewards: [{function: examples.rewards:vietnamese}]}")
+        if stage != "rl" and self.rl is not None:
+            raise ValueError(f"the rl section is only used with train.stage: rl (this run is stage {stage})")
         return self
 
 

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         err_console.print(f"[bold red]error:[/] {escape(one_line(str(exc)))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except Exception as exc:
-        from vitune.train.sft import RunInterrupted
+        from vitune.train.runner import RunInterrupted
 
         if not isinstance(exc, RunInterrupted):
             return _other_error(exc)

@@ -33,7 +33,7 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="Train with N processes on this machine (through accelerate launch)"),
     device: str = typer.Option("H100", help="GPU the --dry-run estimate is for (see vitune estimate)"),
 ) -> None:
-    from vitune.train.sft import run_sft
+    from vitune.train.runner import run_training
 
     cfg = load_config(config, set_ or [])
     # under accelerate launch only the main process prints (ranks are set in the environment)
@@ -47,13 +47,13 @@ def train(
     if dry_run:
         from vitune.cli.estimate import print_estimate
         from vitune.models.estimate import estimate
-        from vitune.train.sft import prepare_run
+        from vitune.train.runner import prepare_run
 
         prepared = prepare_run(cfg, console)
         print_estimate(cfg, estimate(cfg, prepared.model_config, device), console)
         console.print(f"dry run: the config, tokenizer and data of {escape(str(config))} are ready; nothing was trained")
         return
-    result = run_sft(cfg, console)
+    result = run_training(cfg, console)
     if console.quiet:
         return
     s = result.summary

@@ -3,7 +3,6 @@ generate token by token."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from threading import Thread
@@ -13,7 +12,9 @@ from vitune.data.records import Conversation, Message, fold_system_prompt
 from vitune.data.templates import Template, resolve_template
 from vitune.errors import UserError
 from vitune.models.gguf import model_source
-from vitune.models.loading import check_safe_weights, damaged_files, load_pretrained, load_tokenizer, resolve_dtype
+from vitune.models.loading import (
+    adapter_base, check_safe_weights, damaged_files, load_pretrained, load_tokenizer, resolve_dtype,
+)
 
 
 @dataclass
@@ -72,20 +73,6 @@ class ChatModel:
 
     def answer(self, messages: list[Message], system: Optional[str] = None, **kwargs) -> str:
         return "".join(self.stream(messages, system=system, **kwargs)).strip()
-
-
-def adapter_base(adapter: Path) -> str:
-    """base_model_name_or_path of an adapter_config.json, or one line saying what is wrong with it."""
-    try:
-        settings = json.loads(adapter.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        settings = None
-    if not isinstance(settings, dict):
-        raise UserError(f"{adapter}: not a JSON object (damaged?); restore it from the run, or retrain")
-    name = settings.get("base_model_name_or_path")
-    if not isinstance(name, str) or not name.strip():
-        raise UserError(f"{adapter}: base_model_name_or_path is {name!r}, not a model; pass --base MODEL_FOLDER_OR_HUB_ID")
-    return name
 
 
 def check_generation_config(model, path: str, vocab: int) -> None:

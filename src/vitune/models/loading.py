@@ -10,6 +10,7 @@ user trusts it. trust_remote_code stays off unless the config turns it on.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 from pathlib import Path
@@ -184,14 +185,74 @@ def quantization_config(method: MethodConfig, dtype):
     )
 
 
-def adapt_model(model, method: MethodConfig, gradient_checkpointing: bool):
-    """full: train every weight; lora/qlora: wrap in a PEFT LoRA adapter."""
+def adapter_base(adapter: Path) -> str:
+    """base_model_name_or_path of an adapter_config.json, or one line saying what is wrong with it."""
+    try:
+        settings = json.loads(adapter.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        settings = None
+    if not isinstance(settings, dict):
+        raise UserError(f"{adapter}: not a JSON object (damaged?); restore it from the run, or retrain")
+    name = settings.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"{adapter}: base_model_name_or_path is {name!r}, not a model; pass --base MODEL_FOLDER_OR_HUB_ID")
+    return name
+
+
+
+def _same_model(a: str, b: str) -> bool:
+    pa, pb = Path(os.path.expanduser(a)), Path(os.path.expanduser(b))
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def check_adapter_base(adapter: str, name_or_path: str, allow_pickle: bool) -> Path:
+    """model.adapter: a LoRA adapter folder (or run folder holding one) made on model.name_or_path.
+
+    Refused in one line when it is not one, or when it was trained on another base: its
+    weights would be applied to the wrong model (and, as a DPO reference, silently wrong)."""
+    folder = Path(os.path.expanduser(adapter))
+    if not folder.is_dir():
+        raise UserError(f"model.adapter = {adapter}: folder not found (give a LoRA run folder such as runs/my-sft)")
+    settings = folder / "adapter_config.json"
+    if not settings.is_file():
+        full = " (it is a full model: set model.name_or_path to it instead)" if (folder / "config.json").is_file() else ""
+        raise UserError(f"model.adapter = {adapter}: no adapter_config.json, so not a LoRA adapter{full}")
+    if (folder / "config.yaml").is_file() and not (folder / "summary.json").is_file():
+        raise UserError(f"model.adapter = {adapter} is an unfinished run (no summary.json): train it to the end first")
+    base = adapter_base(settings)
+    if not _same_model(base, name_or_path) and not _same_model(model_source_name(base), model_source_name(name_or_path)):
+        raise UserError(f"model.adapter = {adapter} was trained on {base}, not on model.name_or_path = {name_or_path}; "
+                        f"set model.name_or_path: {base}")
+    check_safe_weights(folder, allow_pickle)
+    return folder
+
+
+def model_source_name(name: str) -> str:
+    """The folder a model name loads from (a .gguf file: its converted folder, without converting)."""
+    if is_gguf(name):
+        from vitune.models.gguf import model_source
+
+        return model_source(name)
+    return name
+
+
+def adapt_model(model, method: MethodConfig, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM",
+                adapter: str | None = None, allow_pickle: bool = False):
+    """full: train every weight; lora/qlora: wrap in a PEFT LoRA adapter -- a new one, or the
+    adapter of an earlier run (`model.adapter`) trained further."""
     if method.type == "full":
         return model
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if method.type == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if adapter:
+        try:
+            return PeftModel.from_pretrained(model, str(Path(os.path.expanduser(adapter))), is_trainable=True)
+        except Exception as exc:
+            raise damaged_files(adapter, "adapter", exc, "its adapter_config.json or adapter_model.safetensors") from None
     lora = method.lora
     config = LoraConfig(
         r=lora.r,
@@ -199,7 +260,7 @@ def adapt_model(model, method: MethodConfig, gradient_checkpointing: bool):
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         modules_to_save=lora.modules_to_save,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
     )
     try:
         return get_peft_model(model, config)

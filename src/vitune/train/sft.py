@@ -1,414 +1,48 @@
-"""Supervised fine-tuning, read top to bottom:
+"""Stage sft: supervised fine-tuning of a causal LM on instructions or conversations.
 
-    config -> tokenizer + template -> data (rows -> records -> tokens) -> model (load -> plan -> adapt)
-           -> bins (packing) -> Trainer -> run folder
-
-The speed plan (`plan_speed`) is decided once, before anything is written: packing (on by
-default; rows laid end to end in bins of max_length, attention kept within each row),
-attention kernel, Liger kernels and activation checkpointing (on a GPU) -- and printed.
-
-The run folder holds config.yaml (resolved), metrics.jsonl, tensorboard/, then at the end
-the adapter (or full model), the tokenizer with the chat template used in training, and
-summary.json. summary.json is written last: a folder without it is an unfinished run.
-Everything that can fail on the user's input (config, paths, data) fails before the run
-folder is created.
+Its own parts: conversations rendered with the chat template and tokenised with the loss on
+the answers (vitune.data.pipeline), packed into bins of max_length (or padded), and
+transformers' causal-LM loss, as the mean over every trained token of the optimizer step.
+The rest is the shared runner's (vitune.train.runner).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-from rich.console import Console
-from rich.markup import escape
-
-from vitune.config import RunConfig, dump_config
-from vitune.data.pipeline import DataReport, prepare_sft_data
-from vitune.data.templates import resolve_template
-from vitune.errors import UserError
-from vitune.models.architecture import load_model_config
-from vitune.models.loading import adapt_model, load_model, load_tokenizer
-from vitune.models.optimizers import resolve_optimizer
-
-SUMMARY = "summary.json"
+from vitune.config import RunConfig
+from vitune.train.runner import (  # noqa: F401 (the names that callers of sft knew)
+    SUMMARY, PreparedRun, RunInterrupted, SpeedPlan, TrainResult, check_output_dir, fit, plan_speed,
+    prepare_run, run_training, scale_out_arguments, training_arguments,
+)
+from vitune.train.stages import Batches, Stage
 
 
-@dataclass
-class TrainResult:
-    output_dir: Path
-    summary: dict
-    report: DataReport
-    model: object = None  # the trained model in memory (adapter attached for LoRA)
+class SftStage(Stage):
+    name = "sft"
 
+    def prepare_data(self, config: RunConfig, tokenizer, template):
+        from vitune.data.pipeline import prepare_sft_data
 
-class RunInterrupted(Exception):
-    """SIGINT/SIGTERM stopped training after saving a checkpoint."""
+        return prepare_sft_data(config.data, tokenizer, template, config.train.seed)
 
-    def __init__(self, signal_name: str, out: Path, step: int):
-        self.exit_code = 130 if signal_name == "SIGINT" else 143
-        super().__init__(
-            f"stopped by {signal_name} at step {step}; checkpoint saved in {out}/checkpoint-{step}. "
-            "Resume with: vitune train CONFIG --set train.resume=auto"
-        )
+    def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
+        from vitune.data.packing import pack_rows, packing_efficiency
+        from vitune.train.collate import PackedCollator, PadCollator
+        from vitune.train.runner import items
 
-
-def check_output_dir(path: Path, overwrite: bool, resuming: bool = False) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"train.output_dir {path} is a file; choose a folder")
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            extra = " and holds no complete checkpoint to resume from" if resuming else ""
-            raise UserError(
-                f"train.output_dir {path} already exists and is not empty{extra}; choose another folder "
-                "or set train.overwrite: true (e.g. --set train.overwrite=true)"
-            )
-
-
-@dataclass(frozen=True)
-class SpeedPlan:
-    """How a run goes fast, decided once from the config, the model and the device."""
-
-    packing: bool
-    attention: str  # as the model will run it
-    liger: bool
-    checkpoint_every: int  # 0 = no activation checkpointing, n = every n-th layer (1 = all)
-
-    def describe(self) -> str:
-        ckpt = {0: "off", 1: "every layer"}.get(self.checkpoint_every, f"every {self.checkpoint_every} layers")
-        return (f"packing {'on' if self.packing else 'off'}, attention {self.attention}, "
-                f"liger {'on' if self.liger else 'off'}, activation checkpointing {ckpt}")
-
-
-def plan_speed(config: RunConfig, model) -> SpeedPlan:
-    """Packing, attention, Liger and checkpointing for this model on this device."""
-    from vitune.models.attention import supports_packing
-    from vitune.train.gpu import checkpointing_plan, use_liger
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    packing = config.data.packing
-    if packing and not supports_packing(model):
-        if "packing" in config.data.model_fields_set:
-            raise UserError(f"data.packing: true, but {base.config.model_type} models cannot keep packed rows apart "
-                            "(their attention takes no row boundaries); set data.packing: false")
-        packing = False  # the default for SFT, not the user's choice: train padded (the plan says so)
-    attention = base.config._attn_implementation
-    if packing and attention == "sdpa":
-        attention = "sdpa (row by row)"
-    liger = use_liger(config.train.liger_kernel, model)
-    tokens = config.train.micro_batch_size * config.data.max_length
-    every = checkpointing_plan(config.train.gradient_checkpointing, model, tokens, liger, config.method.type == "full")
-    return SpeedPlan(packing, attention, liger, every)
-
-
-def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan: SpeedPlan,
-                       resuming: bool = False):
-    import torch
-    from transformers import TrainingArguments
-
-    from vitune.train.gpu import use_tf32
-    from vitune.models.optimizers import resolve_optimizer
-
-    t = config.train
-    dtype = config.model.dtype
-    on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=t.warmup_ratio,  # a float below 1 is a fraction of the steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=resolve_optimizer(t.optimizer, bool(t.fsdp))[0],
-        activation_checkpointing=plan.checkpoint_every > 0,
-        activation_checkpointing_kwargs={"every_n_layers": plan.checkpoint_every} if plan.checkpoint_every > 1 else None,
-        use_liger_kernel=plan.liger,
-        bf16=bf16,
-        tf32=use_tf32(),
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if has_eval and t.eval_steps else ("epoch" if has_eval else "no"),
-        eval_steps=t.eval_steps,
-        # the held-out loss before any training, to compare the end against (not again on resume)
-        eval_on_start=has_eval and not resuming,
-        report_to=[r for r in t.report_to if r != "none"] or "none",
-        disable_tqdm=True,
-        remove_unused_columns=False,
-        prediction_loss_only=True,  # evaluation reports the loss; packed batches keep only trained logits
-        use_cpu=not on_gpu,
-        dataloader_num_workers=0,
-        **scale_out_arguments(config),
-    )
-
-
-def scale_out_arguments(config: RunConfig) -> dict:
-    """train.deepspeed / train.fsdp as TrainingArguments take them (the engines do the work)."""
-    import yaml
-
-    from vitune.models.optimizers import BITSANDBYTES_OPTIMIZERS
-
-    t = config.train
-    if t.deepspeed:
-        path = Path(t.deepspeed)
-        if not path.is_file():
-            raise UserError(f"train.deepspeed = {t.deepspeed}: file not found (see examples/deepspeed/)")
-        settings = json.loads(path.read_text(encoding="utf-8"))
-        stage = settings.get("zero_optimization", {}).get("stage")
-        if config.method.type == "qlora" and stage == 3:
-            raise UserError(
-                f"train.deepspeed = {t.deepspeed}: QLoRA with ZeRO-3 shards 4-bit weights, which needs "
-                "bitsandbytes' quant storage set to the compute dtype; use ZeRO-2 (examples/deepspeed/zero2.json) "
-                "for QLoRA, or method.type: lora with ZeRO-3"
-            )
-        return {"deepspeed": str(path)}
-    if t.fsdp:
-        path = Path(t.fsdp)
-        if not path.is_file():
-            raise UserError(f"train.fsdp = {t.fsdp}: file not found (see examples/fsdp/)")
-        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(settings, dict) or "fsdp" not in settings:
-            raise UserError(f"train.fsdp = {t.fsdp}: expected a YAML mapping with fsdp: and fsdp_config: (see examples/fsdp/fsdp2.yaml)")
-        if config.method.type == "qlora":
-            raise UserError("train.fsdp with method.type: qlora is not supported yet; use method.type: lora, or DeepSpeed ZeRO-2")
-        if (settings.get("fsdp_config") or {}).get("state_dict_type") == "FULL_STATE_DICT":
-            # measured on 2 CPU processes (torch 2.13, accelerate 1.15, FSDP2): saving such a checkpoint fails, resuming
-            # from one hangs (rank 0 broadcasts the weights, the other ranks never join)
-            raise UserError(f"train.fsdp = {t.fsdp}: fsdp_config.state_dict_type FULL_STATE_DICT checkpoints cannot "
-                            "be resumed; use SHARDED_STATE_DICT (examples/fsdp/fsdp2.yaml): the final model folder "
-                            "is whole either way")
-        if t.optimizer in BITSANDBYTES_OPTIMIZERS:
-            raise UserError(f"train.optimizer = {t.optimizer} cannot update FSDP's sharded parameters (bitsandbytes "
-                            "optimizers take plain tensors); use train.optimizer: adamw_torch (or auto) with train.fsdp")
-        return {"fsdp": settings["fsdp"], "fsdp_config": settings.get("fsdp_config", {})}
-    return {}
-
-
-@dataclass
-class PreparedRun:
-    """Everything decided and prepared before a model is loaded (what --dry-run shows)."""
-
-    tokenizer: object
-    template: object
-    train_rows: list
-    eval_rows: list
-    report: DataReport
-    model_config: object
-    fingerprint: dict
-    resume_from: Path | None
-
-
-def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
-    """Check the output folder, load the tokenizer, prepare (or reuse) the data, print the
-    data counts and the guidance. Raises UserError for anything wrong with the user's input."""
-    from vitune.data.cache import cache_key
-    from vitune.train.checkpoint import check_fingerprint, find_resume_checkpoint, fingerprint
-    from vitune.train.guidance import advise, check_max_length
-    from vitune.train.sharding import process_state
-
-    state = process_state()  # one process, or one rank of `accelerate launch`
-    out = Path(config.train.output_dir)
-    resume_from = find_resume_checkpoint(out, config.train.resume, config.model.allow_pickle)
-    if resume_from is None:
-        check_output_dir(out, config.train.overwrite, resuming=config.train.resume == "auto")
-
-    scale_out_arguments(config)  # a missing or wrong train.deepspeed / train.fsdp file fails here, before the data
-    # The tokenizer and template come first: the data is rendered and tokenised with them.
-    tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-    template = resolve_template(config.model.template, tokenizer)
-    for notice in template.notices:
-        console.print(f"[yellow]notice[/] template: {notice}", highlight=False)
-    model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
-    check_max_length(config, model_config)
-    with state.main_process_first():  # rank 0 fills the cache, the others read it
-        train_rows, eval_rows, report = prepare_sft_data(config.data, tokenizer, template, config.train.seed)
-    if report.from_cache:
-        console.print(f"data: reusing prepared data from the cache ({escape(str(report.cached_at))})")
-    console.print(
-        f"data: {report.rows_read} rows read, {report.rows_kept} kept, {report.rows_rejected} rejected"
-        + (f" {report.rejected_by_reason}" if report.rows_rejected else "")
-        + f", {report.rows_truncated} truncated; {report.total_tokens:,} tokens, "
-        f"{report.trained_token_fraction:.0%} trained; template {template.name}"
-    )
-    for advice in advise(config, model_config):
-        console.print(f"[yellow]advice[/] {advice.key}: {advice.text}")
-    optimizer, notice = resolve_optimizer(config.train.optimizer, bool(config.train.fsdp))
-    if notice:
-        console.print(f"[yellow]notice[/] {notice}")
-
-    run_fingerprint = fingerprint(config, cache_key(config.data, tokenizer, template, config.train.seed))
-    if resume_from is not None:
-        check_fingerprint(resume_from, run_fingerprint, config.train.resume_strict)
-        console.print(f"resuming from {escape(str(resume_from))}")
-    return PreparedRun(tokenizer, template, train_rows, eval_rows, report, model_config, run_fingerprint, resume_from)
-
-
-def run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
-    """Fine-tune `config.model` on `config.data`; returns the run folder and its summary.
-
-    The output folder is held for the whole run (train/run_lock.py): a second run into it
-    is refused before anything is written."""
-    from vitune.train.run_lock import output_dir_lock
-    from vitune.train.sharding import process_state
-
-    with output_dir_lock(Path(config.train.output_dir), process_state().is_main_process):
-        return _run_sft(config, console)
-
-
-def _run_sft(config: RunConfig, console: Console | None = None) -> TrainResult:
-    from transformers import set_seed
-
-    from vitune.train.checkpoint import final_save
-    from vitune.train.sharding import gather_full_weights, process_state, save_final_model
-
-    console = console or Console()
-    state = process_state()
-    out = Path(config.train.output_dir)
-    prepared = prepare_run(config, console)
-    tokenizer, template, report = prepared.tokenizer, prepared.template, prepared.report
-    train_rows, eval_rows = prepared.train_rows, prepared.eval_rows
-    resume_from, run_fingerprint = prepared.resume_from, prepared.fingerprint
-
-    set_seed(config.train.seed)  # LoRA initialisation and dropout follow the seed
-    model = load_model(config.model, config.method)
-    plan = plan_speed(config, model)
-    model = adapt_model(model, config.method, plan.checkpoint_every > 0)
-    console.print(f"speed: {plan.describe()}")
-
-    # From here on the run folder exists; summary.json at the end marks it complete.
-    # Only the main process writes files; every rank trains.
-    if state.is_main_process:
-        if out.exists() and config.train.overwrite and resume_from is None:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(config), encoding="utf-8")
-        (out / "data_report.json").write_text(json.dumps(report.summary(), indent=2), encoding="utf-8")
-        if report.rejections:
-            with open(out / "rejects.jsonl", "w", encoding="utf-8") as fh:
-                for r in report.rejections:
-                    fh.write(json.dumps({"source": r.source, "reason": r.reason, "detail": r.detail, "row": r.row},
-                                        ensure_ascii=False, default=str) + "\n")
-    state.wait_for_everyone()
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-
-    trainer, summary = fit(config, model, train_rows, eval_rows, out, plan, console, tokenizer,
-                           resume_from=resume_from, checkpoint_marker=(run_fingerprint, dump_config(config)))
-    if summary.get("stopped_by"):
-        raise RunInterrupted(summary["stopped_by"], out, trainer.state.global_step)
-    full_weights = gather_full_weights(trainer)  # FSDP: every rank joins the gather; None otherwise
-    if not state.is_main_process:
-        return TrainResult(out, summary, report, trainer.model)
-
-    # The template used in training travels with the tokenizer, so chat renders the same.
-    tokenizer.chat_template = template.jinja()
-    with final_save(out, SUMMARY):  # a full or failing disk: one line; no summary.json, checkpoints kept
-        save_final_model(trainer, out, full_weights)  # an ordinary model folder, also after sharded training
-        tokenizer.save_pretrained(str(out), save_jinja_files=False)
-        # Trainer also saved the tokenizer, with the template in chat_template.jinja; keep one copy,
-        # in tokenizer_config.json, where every tool (old and new) looks for it.
-        (out / "chat_template.jinja").unlink(missing_ok=True)
-        summary["template"] = template.name
-        (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    return TrainResult(out, summary, report, trainer.model)
-
-
-def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedPlan, console: Console,
-        tokenizer=None, pad_token_id: int | None = None, resume_from: Path | None = None,
-        checkpoint_marker: tuple | None = None):
-    """Train `model` on tokenised rows (packed or padded, as planned) -> (trainer, summary).
-
-    Writes metrics.jsonl (and tensorboard) into `out`; saves nothing else. Benchmarks call
-    this directly with a model built in memory.
-    """
-    from contextlib import nullcontext
-
-    from transformers.trainer_callback import PrinterCallback
-
-    from vitune.data.packing import pack_rows, packing_efficiency
-    from vitune.models.attention import packed_attention
-    from vitune.train.collate import PackedCollator, PadCollator
-    from vitune.train.sharding import ShardingReport
-    from vitune.train.telemetry import peak_memory_gib
-    from vitune.train.trainer import MetricsFile, RichProgress, VituneTrainer
-
-    max_length = config.data.max_length
-    if plan.packing:
+        max_length = config.data.max_length
+        if not plan.packing:
+            return Batches(items(train_rows), items(eval_rows), PadCollator(pad_token_id))
         train_set, eval_set = pack_rows(train_rows, max_length), pack_rows(eval_rows, max_length)
         fill = packing_efficiency(train_set, max_length)
         console.print(f"packing: {len(train_rows):,} rows -> {len(train_set):,} bins of {max_length} tokens, {fill:.1%} full")
-        collator = PackedCollator()
-    else:
-        train_set, eval_set = train_rows, eval_rows
-        pad = pad_token_id if pad_token_id is not None else tokenizer.pad_token_id
-        collator = PadCollator(pad)
-    from vitune.train.checkpoint import StopOnSignal
+        return Batches(items(train_set), items(eval_set), PackedCollator(), fill)
 
-    from vitune.train.checkpoint import checkpoint_step
+    def make_trainer(self, config: RunConfig, template=None, **kwargs):
+        from vitune.train.trainer import VituneTrainer
 
-    resume_step = checkpoint_step(resume_from) if resume_from else None
-    metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume_step)
-    stop = StopOnSignal()
-    trainer = VituneTrainer(
-        model=model,
-        args=training_arguments(config, out, bool(eval_rows), plan, resuming=resume_from is not None),
-        train_dataset=_items(train_set),
-        eval_dataset=_items(eval_set) or None,
-        data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[metrics, RichProgress(console), stop, ShardingReport(out)],
-        checkpoint_marker=checkpoint_marker,
-    )
-    trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts
-    started = time.perf_counter()
-    stop.install()
-    try:
-        with packed_attention(model) if plan.packing else nullcontext():
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        stop.uninstall()
-    seconds = time.perf_counter() - started - metrics.eval_seconds
-    if eval_set and not stop.received and (not metrics.evals or metrics.evals[-1][0] != trainer.state.global_step):
-        # eval_strategy "epoch" misses the end of a run cut short by max_steps; the end is what counts
-        with packed_attention(model) if plan.packing else nullcontext():
-            trainer.evaluate()
-
-    run = trainer.throughput(trainer.real_tokens, trainer.token_slots, trainer.model_flops, seconds)
-    summary = {
-        "steps": trainer.state.global_step,
-        "seconds": round(seconds, 2),
-        "real_tokens": trainer.real_tokens,
-        "tokens_per_s": run["tokens_per_s"],
-        "first_loss": metrics.losses[0][1] if metrics.losses else None,
-        "final_loss": metrics.losses[-1][1] if metrics.losses else None,
-        # held-out loss on data.eval / data.val_size rows, before training and at the end
-        "eval_loss_start": metrics.evals[0][1] if metrics.evals and metrics.evals[0][0] == 0 else None,
-        "eval_loss_end": metrics.evals[-1][1] if metrics.evals else None,
-        # bins filled (packing) or token slots used (padding): real tokens / slots either way
-        "packing_efficiency": round(fill if plan.packing else 1 - run["padding_fraction"], 4),
-        "padding_fraction": run["padding_fraction"],
-        "tflops": run["tflops"],
-        "mfu": run.get("mfu"),
-        "peak_memory_gib": peak_memory_gib(),
-        "speed": plan.describe(),
-    }
-    if stop.received:
-        summary["stopped_by"] = stop.received
-    return trainer, summary
+        return VituneTrainer(**kwargs)
 
 
-def _items(rows) -> list[dict]:
-    """TokenizedRow / PackedRow -> the dicts the collators take."""
-    return [{k: v for k, v in vars(r).items() if k != "truncated"} for r in rows]
+def run_sft(config: RunConfig, console=None) -> TrainResult:
+    """Fine-tune with train.stage as the config says (sft unless told otherwise): the shared runner."""
+    return run_training(config, console)

@@ -34,6 +34,25 @@ class VituneTrainer(Trainer):
         self.model_flops = 0.0
         self._window = [0, 0, 0.0]  # real tokens, slots, FLOPs since the last log
         self._window_start = time.perf_counter()
+        # a stage's own metrics, per micro-batch since the last log: {"train"|"eval": {key: [(sum, count)]}}
+        self._stage_metrics: dict[str, dict[str, list[tuple[float, int]]]] = {"train": {}, "eval": {}}
+
+    def record_metric(self, key: str, total: float, count: int) -> None:
+        """Add a stage metric of one micro-batch (a sum over `count` items); logged as the mean
+        over every item since the last log, gathered over processes."""
+        mode = "train" if self.model.training else "eval"
+        self._stage_metrics[mode].setdefault(key, []).append((float(total), int(count)))
+
+    def _stage_logs(self, mode: str) -> dict:
+        out = {}
+        for key, parts in self._stage_metrics[mode].items():
+            total = torch.tensor([sum(t for t, _ in parts), sum(c for _, c in parts)], dtype=torch.float64,
+                                 device=self.accelerator.device)
+            total = self.accelerator.reduce(total, reduction="sum") if self.accelerator.num_processes > 1 else total
+            if total[1] > 0:
+                out[key if mode == "train" else f"eval_{key}"] = round(float(total[0] / total[1]), 6)
+        self._stage_metrics[mode] = {}
+        return out
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -145,6 +164,7 @@ class VituneTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
+        logs.update(self._stage_logs("eval" if "eval_loss" in logs else "train"))
         if "loss" in logs:
             now = time.perf_counter()
             logs["real_tokens"] = self.real_tokens
@@ -173,10 +193,13 @@ class MetricsFile(TrainerCallback):
     KEYS = ("loss", "learning_rate", "grad_norm", "real_tokens", "tokens_per_s", "padding_fraction", "tflops", "mfu",
             "peak_memory_gib", "eval_loss")
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, keys: tuple[str, ...] = ()):
         self.path = path
+        # a stage's own metrics (rewards/accuracy, ...), in training and held out (eval_ prefixed)
+        self.keys = self.KEYS + tuple(keys) + tuple(f"eval_{k}" for k in keys)
         self.losses: list[tuple[int, float]] = []
         self.evals: list[tuple[int, float]] = []  # (step, held-out loss)
+        self.eval_records: list[dict] = []  # every held-out record, for the stage's metrics
         self.eval_seconds = 0.0  # time spent evaluating, which is not training speed
         if resume_step is not None and path.is_file():
             # a resumed run logs the steps after its checkpoint again: drop the old ones
@@ -187,6 +210,15 @@ class MetricsFile(TrainerCallback):
                 record = json.loads(line)
                 if "eval_loss" in record:
                     self.evals.append((record["step"], record["eval_loss"]))
+                    self.eval_records.append(record)
+
+    def eval_value(self, key: str, first: bool = False):
+        """A held-out metric at the first evaluation (before training: step 0) or the last one."""
+        if first:
+            record = self.eval_records[0] if self.eval_records and self.eval_records[0]["step"] == 0 else {}
+        else:
+            record = self.eval_records[-1] if self.eval_records else {}
+        return record.get(key)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
@@ -195,13 +227,14 @@ class MetricsFile(TrainerCallback):
         if not state.is_world_process_zero:
             return
         record = {"step": state.global_step}
-        record.update({k: logs[k] for k in self.KEYS if k in logs})
+        record.update({k: logs[k] for k in self.keys if k in logs})
         if len(record) == 1:
             return
         if "loss" in record:
             self.losses.append((state.global_step, record["loss"]))
         if "eval_loss" in record:
             self.evals.append((state.global_step, record["eval_loss"]))
+            self.eval_records.append(record)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -209,14 +242,16 @@ class MetricsFile(TrainerCallback):
 class RichProgress(TrainerCallback):
     """A rich progress bar: step, loss, learning rate, tokens/s, padding, MFU and time left."""
 
-    def __init__(self, console):
+    def __init__(self, console, fields: tuple[tuple[str, str], ...] = ()):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+        self.fields = fields  # a stage's own (label, log key) pairs, e.g. ("acc", "rewards/accuracy")
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss [cyan]{task.fields[loss]}"),
+            *(TextColumn(f"{label} {{task.fields[f{n}]}}") for n, (label, _) in enumerate(fields)),
             TextColumn("lr {task.fields[lr]}"),
             TextColumn("{task.fields[tps]} tok/s"),
             TextColumn("pad {task.fields[pad]}"),
@@ -230,7 +265,9 @@ class RichProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.progress.start()
-            self.task = self.progress.add_task("train", total=state.max_steps, loss="-", lr="-", tps="-", pad="-", mfu="")
+            own = {f"f{n}": "-" for n in range(len(self.fields))}
+            self.task = self.progress.add_task("train", total=state.max_steps, loss="-", lr="-", tps="-", pad="-", mfu="",
+                                               **own)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.task is not None:
@@ -246,6 +283,7 @@ class RichProgress(TrainerCallback):
             tps=f"{logs.get('tokens_per_s', 0):,.0f}",
             pad=f"{logs.get('padding_fraction', 0):.0%}",
             mfu=f"MFU {logs['mfu']:.0%}" if "mfu" in logs else f"{logs.get('tflops', 0):.2f} TFLOP/s",
+            **{f"f{n}": f"{logs[key]:.3f}" for n, (_, key) in enumerate(self.fields) if key in logs},
         )
 
     def on_train_end(self, args, state, control, **kwargs):

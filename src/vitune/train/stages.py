@@ -1,0 +1,91 @@
+"""What a training stage is: the few things that differ between sft, rm, dpo and rl.
+
+The runner (vitune.train.runner) calls these hooks in order; a stage overrides only its own.
+The defaults are those of supervised fine-tuning on a causal LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vitune.config import RunConfig
+
+
+@dataclass
+class Batches:
+    """What the Trainer gets from a stage: datasets (lists of dicts), the collator, and how full
+    the packed bins are (None when training padded: the runner reports the padding instead)."""
+
+    train: list
+    eval: list
+    collator: object
+    fill: float | None = None
+
+
+class Stage:
+    name = "base"
+    # extra keys the stage logs (and metrics.jsonl keeps), e.g. "rewards/accuracy"; their held-out
+    # values at the start and end go into summary.json as eval_<key>_start / _end
+    metric_keys: tuple[str, ...] = ()
+    # (label, log key) pairs shown in the progress bar beside the loss
+    progress_fields: tuple[tuple[str, str], ...] = ()
+    # True: a packed batch runs the model on one padding-free row (vitune's row-wise attention wraps it)
+    packed_forward = True
+
+    def check(self, config: RunConfig) -> None:
+        """Rules across the config that only this stage has (raise ConfigError)."""
+        if config.model.adapter:
+            from vitune.models.loading import check_adapter_base
+
+            check_adapter_base(config.model.adapter, config.model.name_or_path, config.model.allow_pickle)
+
+    def prepare_data(self, config: RunConfig, tokenizer, template):
+        """-> (train rows, eval rows, report) with exact counts (read = kept + rejected)."""
+        raise NotImplementedError
+
+    def describe_rows(self, train_rows, eval_rows) -> str:
+        """What the data line says about the rows beyond the counts (e.g. '170 pairs, ')."""
+        return ""
+
+    def load_model(self, config: RunConfig, tokenizer):
+        from vitune.models.loading import load_model
+
+        return load_model(config.model, config.method)
+
+    def adapt_model(self, model, config: RunConfig, gradient_checkpointing: bool):
+        from vitune.models.loading import adapt_model
+
+        return adapt_model(model, config.method, gradient_checkpointing, adapter=config.model.adapter,
+                           allow_pickle=config.model.allow_pickle)
+
+    def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
+        raise NotImplementedError
+
+    def make_trainer(self, config: RunConfig, **kwargs):
+        raise NotImplementedError
+
+    def save_extras(self, trainer, out: Path, config: RunConfig) -> None:
+        """Files the stage adds to the run folder beside the weights and tokenizer."""
+
+
+def stage_for(config: RunConfig) -> Stage:
+    """The Stage object of config.train.stage."""
+    name = config.train.stage
+    if name == "sft":
+        from vitune.train.sft import SftStage
+
+        return SftStage()
+    if name == "dpo":
+        from vitune.train.preference import PreferenceStage
+
+        return PreferenceStage()
+    if name == "rm":
+        from vitune.train.reward import RewardStage
+
+        return RewardStage()
+    if name == "rl":
+        from vitune.train.rl import RlStage
+
+        return RlStage()
+    raise ValueError(f"unknown stage {name!r}")
