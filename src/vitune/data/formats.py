@@ -162,22 +162,49 @@ def parse_preference(row: dict, columns: dict[str, str]) -> Preference:
     rejected = _answer(_field(row, "rejected", columns, "preference"), rejected_key)
     system = _field(row, "system", columns, "preference", required=False)
     if columns.get("conversations", "conversations") in row:
-        conv = _turns(_field(row, "conversations", columns, "preference") + [{"from": "gpt", "value": chosen.content}],
-                      columns.get("conversations", "conversations"), "from", "value", system)
+        turns = _field(row, "conversations", columns, "preference")
+        if not isinstance(turns, list):
+            raise RowProblem("wrong type", f"field {columns.get('conversations', 'conversations')!r} must be a list of "
+                             f"messages, got {type(turns).__name__}")
+        role_key = "role" if turns and isinstance(turns[0], dict) and "role" in turns[0] else "from"
+        content_key = "content" if role_key == "role" else "value"
+        conv = _turns(turns + [{role_key: "assistant", content_key: chosen.content}],
+                      columns.get("conversations", "conversations"), role_key, content_key, system)
         prompt, system = conv.messages[:-1], conv.system
     elif columns.get("instruction", "instruction") in row:
         instruction = _text(_field(row, "instruction", columns, "preference"), columns.get("instruction", "instruction"))
         extra = _field(row, "input", columns, "preference", required=False) or ""
         prompt = [Message("user", instruction, input=_text(extra, "input", allow_empty=True).strip() or None)]
     else:
-        raw = _field(row, "prompt", columns, "preference")
-        if isinstance(raw, list):
-            conv = _turns(raw + [{"role": "assistant", "content": chosen.content}], columns.get("prompt", "prompt"),
-                          "role", "content", system)
-            prompt, system = conv.messages[:-1], conv.system
-        else:
-            prompt = [Message("user", _text(raw, columns.get("prompt", "prompt")))]
-    return Preference(prompt, chosen, rejected, system=system)
+        prompt, system = _prompt(_field(row, "prompt", columns, "preference"), columns.get("prompt", "prompt"), system)
+    if system is not None:
+        system = _text(system, columns.get("system", "system"), allow_empty=True)
+    margin = _field(row, "margin", columns, "preference", required=False)
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin
+                               or margin in (float("inf"), float("-inf"))):
+        raise RowProblem("wrong type", f"field 'margin' must be a finite number, got {margin!r}")
+    return Preference(prompt, chosen, rejected, system=system, margin=float(margin) if margin is not None else None)
+
+
+def _prompt(raw, field: str, system) -> tuple[list[Message], Optional[str]]:
+    """A prompt: a string (one user turn) or a message list ending with the user's turn."""
+    if isinstance(raw, list):
+        conv = _turns(raw + [{"role": "assistant", "content": "-"}], field, "role", "content", system)
+        return conv.messages[:-1], conv.system
+    return [Message("user", _text(raw, field))], system
+
+
+def parse_unpaired(row: dict, columns: dict[str, str]) -> Preference:
+    """KTO's unpaired rows: prompt, completion and label (true: desirable, false: undesirable);
+    the completion becomes `chosen` or `rejected`, the other side stays None."""
+    prompt, system = _prompt(_field(row, "prompt", columns, "unpaired"), columns.get("prompt", "prompt"),
+                             _field(row, "system", columns, "unpaired", required=False))
+    completion = _answer(_field(row, "completion", columns, "unpaired"), columns.get("completion", "completion"))
+    label = _field(row, "label", columns, "unpaired")
+    if not isinstance(label, bool):
+        raise RowProblem("wrong type", f"field {columns.get('label', 'label')!r} must be true (desirable) or false "
+                         f"(undesirable), got {label!r}")
+    return Preference(prompt, completion if label else None, None if label else completion, system=system)
 
 
 PARSERS: dict[str, Callable[[dict, dict[str, str]], Conversation]] = {
@@ -185,7 +212,7 @@ PARSERS: dict[str, Callable[[dict, dict[str, str]], Conversation]] = {
     "sharegpt": parse_sharegpt,
     "messages": parse_messages,
 }
-OTHER_PARSERS = {"text": parse_text, "preference": parse_preference}
+OTHER_PARSERS = {"text": parse_text, "preference": parse_preference, "unpaired": parse_unpaired}
 
 
 def detect_format(row: dict, columns: dict[str, str]) -> Optional[str]:
@@ -193,6 +220,8 @@ def detect_format(row: dict, columns: dict[str, str]) -> Optional[str]:
     keys = set(row)
     if columns.get("chosen", "chosen") in keys and columns.get("rejected", "rejected") in keys:
         return "preference"
+    if columns.get("completion", "completion") in keys and columns.get("label", "label") in keys:
+        return "unpaired"
     if columns.get("conversations", "conversations") in keys:
         return "sharegpt"
     if columns.get("messages", "messages") in keys:

@@ -50,13 +50,20 @@ class Text:
 
 @dataclass
 class Preference:
-    """A prompt with a preferred and a rejected answer (reward modelling, DPO)."""
+    """A prompt with a preferred and a rejected answer (reward modelling, DPO). An unpaired row
+    (KTO) has only one of the two; the other is None."""
 
     prompt_messages: list[Message]
-    chosen: Message
-    rejected: Message
+    chosen: Optional[Message]
+    rejected: Optional[Message]
     system: Optional[str] = None
     source: str = ""
+    margin: Optional[float] = None  # reward modelling: how much better chosen is (Llama 2's margin loss)
+
+    def conversation(self, answer: Message) -> Conversation:
+        """The prompt followed by one of the answers, as SFT would render it."""
+        messages = [Message(m.role, m.content, m.input, m.train) for m in self.prompt_messages]
+        return Conversation(messages + [Message("assistant", answer.content)], system=self.system, source=self.source)
 
 
 @dataclass
