@@ -263,7 +263,9 @@ class PreferenceTrainer(VituneTrainer):
         n = len(chosen_rewards)
         self.record_metric("rewards/chosen", float(chosen_rewards.sum()), n)
         self.record_metric("rewards/rejected", float(rejected_rewards.sum()), n)
-        self.record_metric("rewards/accuracy", float((chosen_rewards > rejected_rewards).sum()), n)
+        # a tie (policy = reference at the start: every reward is 0) counts as half right, not wrong
+        right = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
+        self.record_metric("rewards/accuracy", float(right.sum()), n)
         self.record_metric("rewards/margin", float((chosen_rewards - rejected_rewards).sum()), n)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

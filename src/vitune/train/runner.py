@@ -112,7 +112,9 @@ def plan_speed(config: RunConfig, model, stage=None) -> SpeedPlan:
 
 
 def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan: SpeedPlan,
-                       resuming: bool = False):
+                       resuming: bool = False, args_class=None, **extra):
+    """TrainingArguments of a run (or `args_class`, a subclass such as TRL's GRPOConfig, with the
+    stage's own `extra` fields)."""
     import torch
     from transformers import TrainingArguments
 
@@ -123,7 +125,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
     dtype = config.model.dtype
     on_gpu = torch.cuda.is_available()
     bf16 = on_gpu and dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
@@ -159,6 +161,7 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
         use_cpu=not on_gpu,
         dataloader_num_workers=0,
         **scale_out_arguments(config),
+        **extra,
     )
 
 
@@ -369,7 +372,7 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
     trainer = stage.make_trainer(
         config,
         model=model,
-        args=training_arguments(config, out, bool(eval_rows), plan, resuming=resume_from is not None),
+        args=stage.training_arguments(config, out, bool(eval_rows), plan, resuming=resume_from is not None),
         train_dataset=batches.train,
         eval_dataset=batches.eval or None,
         data_collator=batches.collator,

@@ -62,6 +62,12 @@ class Stage:
     def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
         raise NotImplementedError
 
+    def training_arguments(self, config: RunConfig, output_dir: Path, has_eval: bool, plan, resuming: bool = False):
+        """The run's TrainingArguments (a stage on a TRL trainer returns TRL's config class, with its fields)."""
+        from vitune.train.runner import training_arguments
+
+        return training_arguments(config, output_dir, has_eval, plan, resuming=resuming)
+
     def make_trainer(self, config: RunConfig, **kwargs):
         raise NotImplementedError
 
