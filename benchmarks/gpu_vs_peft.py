@@ -6,7 +6,7 @@ linear layer, SFT rows with log-normal lengths (median 350 tokens, sigma 0.8, cl
 
   peft          transformers Trainer + PEFT as most scripts write it: rows padded to the
                 longest of a micro-batch of 8, activation checkpointing, SDPA
-  vitune        vitune's defaults (vitune.train.sft.fit, the runner's own training step):
+  vitune        vitune's defaults (vitune.train.runner.fit, the runner's own training step):
                 packing (4 bins of 2,048 tokens per micro-batch), Liger kernels when
                 installed, flash-attn varlen when installed (else row-wise SDPA), activation
                 checkpointing `auto` (as few layers as the GPU's memory needs)
@@ -119,7 +119,7 @@ def run_vitune(args, rows, out: Path, overrides: list[str]) -> dict:
 
     from vitune.config import apply_override, validate_config
     from vitune.models.loading import adapt_model, resolve_attention, resolve_dtype
-    from vitune.train.sft import fit, plan_speed
+    from vitune.train.runner import fit, plan_speed
 
     raw = {
         "model": {"name_or_path": "synthetic-llama"},

@@ -236,7 +236,7 @@ def test_auto_optimizer_under_fsdp_is_adamw_torch_and_bitsandbytes_ones_are_refu
     from vitune.config import validate_config
     from vitune.errors import UserError
     from vitune.models.optimizers import resolve_optimizer
-    from vitune.train.sft import scale_out_arguments
+    from vitune.train.runner import scale_out_arguments
 
     assert resolve_optimizer("auto", fsdp=True) == ("adamw_torch", None)
     config = validate_config({"model": {"name_or_path": "m"}, "data": {"train": [{"path": "x"}]},
@@ -251,7 +251,7 @@ def test_auto_optimizer_under_fsdp_is_adamw_torch_and_bitsandbytes_ones_are_refu
 def test_full_state_dict_checkpoints_are_refused_in_one_line(tmp_path):
     from vitune.config import validate_config
     from vitune.errors import UserError
-    from vitune.train.sft import scale_out_arguments
+    from vitune.train.runner import scale_out_arguments
 
     fsdp = tmp_path / "full.yaml"
     fsdp.write_text(FSDP2.read_text().replace("SHARDED_STATE_DICT", "FULL_STATE_DICT"), encoding="utf-8")

@@ -20,7 +20,8 @@ from vitune.errors import UserError
 from vitune.models.attention import PACKED_SDPA, packed_attention
 from vitune.models.loading import load_model
 from vitune.train.collate import PackedCollator, PadCollator
-from vitune.train.sft import plan_speed, run_sft
+from vitune.train.runner import plan_speed
+from vitune.train.sft import run_sft
 from vitune.train.trainer import VituneTrainer
 
 from conftest import ROOT

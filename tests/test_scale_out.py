@@ -6,7 +6,7 @@ import pytest
 
 from vitune.config import validate_config
 from vitune.errors import UserError
-from vitune.train.sft import scale_out_arguments
+from vitune.train.runner import scale_out_arguments
 
 from conftest import ROOT
 

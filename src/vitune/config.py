@@ -449,6 +449,25 @@ def _nearest_key(loc: tuple) -> str | None:
     return _key_path((*parent, match[0])) if match else None
 
 
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved config.yaml of a run folder (every default written out), read back: the
+    sections its method and stage do not use were written as defaults and are dropped again."""
+    path = Path(run_dir) / "config.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: not a run config (damaged?); restore it from the run")
+    method, train = raw.get("method") or {}, raw.get("train") or {}
+    if method.get("type") != "qlora":
+        method.pop("quantization", None)
+    if method.get("type") == "full":
+        method.pop("lora", None)
+    if train.get("stage", "sft") != "dpo":
+        raw.pop("dpo", None)
+    if raw.get("rl") is None:
+        raw.pop("rl", None)
+    return validate_config(raw, source=str(path))
+
+
 def dump_config(config: RunConfig) -> str:
     """The resolved config as YAML, every default written out."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

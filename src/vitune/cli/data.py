@@ -31,15 +31,17 @@ def inspect(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable)", show_default=False),
 ) -> None:
     from vitune.config import load_config
-    from vitune.data.inspect import render_row, statistics
-    from vitune.data.pipeline import prepare_sft_data
+    from vitune.data.inspect import render_row, sequences_of, statistics
+    from vitune.data.preference import TokenizedPair
     from vitune.data.templates import resolve_template
     from vitune.models.loading import load_tokenizer
+    from vitune.train.stages import stage_for
 
     cfg = load_config(config, set_ or [])
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     template = resolve_template(cfg.model.template, tokenizer)
-    rows, eval_rows, report = prepare_sft_data(cfg.data, tokenizer, template, cfg.train.seed)
+    stage = stage_for(cfg)  # the data as the run's stage reads it: conversations, preference pairs, ...
+    rows, eval_rows, report = stage.prepare_data(cfg, tokenizer, template)
     stats = statistics(report, rows, eval_rows)
     stats["template"] = template.name
     stats["template_notices"] = list(template.notices)
@@ -48,6 +50,15 @@ def inspect(
         return
     console = Console(highlight=False)
     for i, row in enumerate(rows[:n]):
+        if isinstance(row, TokenizedPair):  # chosen and rejected, each as the model sees it
+            for side, seq in (("chosen", row.chosen), ("rejected", row.rejected)):
+                if seq is not None:
+                    console.rule(f"row {i + 1} of {len(rows)}, {side}: {len(seq.input_ids)} tokens, "
+                                 f"{sum(l != -100 for l in seq.labels)} trained")
+                    console.print(render_row(tokenizer, seq), soft_wrap=True)
+            continue
+        if not sequences_of([row]):
+            continue
         console.rule(f"row {i + 1} of {len(rows)}: {len(row.input_ids)} tokens, "
                      f"{sum(l != -100 for l in row.labels)} trained")
         console.print(render_row(tokenizer, row), soft_wrap=True)
@@ -59,7 +70,8 @@ def inspect(
     table.add_row("train / eval rows", f"{stats['train_rows']} / {stats['eval_rows']}")
     table.add_row("tokens (trained fraction)", f"{stats['total_tokens']:,} ({stats['trained_token_fraction']:.1%})")
     p = stats["length_percentiles"]
-    table.add_row("row length p50 / p90 / p99 / max", f"{p['p50']} / {p['p90']} / {p['p99']} / {p['max']}")
+    if p:
+        table.add_row("sequence length p50 / p90 / p99 / max", f"{p['p50']} / {p['p90']} / {p['p99']} / {p['max']}")
     console.print(table)
     for notice in template.notices:
         console.print(f"[yellow]notice[/] template: {notice}")

@@ -14,7 +14,19 @@ PROMPT_STYLES = ("grey50 on grey15", "grey50 on grey23")
 TRAINED_STYLES = ("bold green on grey15", "bold green on grey23")
 
 
-def length_percentiles(rows: list[TokenizedRow]) -> dict[str, int]:
+def sequences_of(rows: list) -> list[TokenizedRow]:
+    """The token sequences of a stage's rows: SFT rows themselves, both answers of a preference pair."""
+    out = []
+    for row in rows:
+        if hasattr(row, "sequences"):
+            out += row.sequences
+        elif hasattr(row, "input_ids"):
+            out.append(row)
+    return out
+
+
+def length_percentiles(rows: list) -> dict[str, int]:
+    rows = sequences_of(rows)
     if not rows:
         return {}
     lengths = np.array([len(r.input_ids) for r in rows])

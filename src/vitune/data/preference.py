@@ -184,8 +184,8 @@ def load_preferences(data: DataConfig, seed: int, report: DataReport, stage: str
     evaluation: list[Preference] = []
     for spec in data.eval or []:
         evaluation += read_preferences(spec, data, report, stage)
-    raise_for_bad_rows(report, data.on_error)
     if not train:
+        raise_for_bad_rows(report, data.on_error)  # the bad rows say why, if there are any
         paths = ", ".join(s.path for s in data.train)
         raise DataError(f"no usable preference rows in {paths} ({report.rows_read} read, {report.rows_rejected} rejected)")
     rng.shuffle(train)

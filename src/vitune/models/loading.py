@@ -141,9 +141,12 @@ def resolve_attention(name: str) -> str:
     return "sdpa"
 
 
-def load_model(model_cfg: ModelConfig, method: MethodConfig):
-    """The base model, in the dtype and attention the config asks for, quantised for QLoRA."""
-    from transformers import AutoModelForCausalLM
+def load_model(model_cfg: ModelConfig, method: MethodConfig, reward_head_pad_id: int | None = None):
+    """The base model, in the dtype and attention the config asks for, quantised for QLoRA.
+
+    With `reward_head_pad_id` (stage rm): the model with a scalar head instead of the LM head
+    (AutoModelForSequenceClassification, one label; the head starts from random numbers)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name = _check_model_path(model_cfg.name_or_path)
     dtype = resolve_dtype(model_cfg.dtype)
@@ -152,14 +155,18 @@ def load_model(model_cfg: ModelConfig, method: MethodConfig):
         attn_implementation=resolve_attention(model_cfg.attn_implementation),
         trust_remote_code=model_cfg.trust_remote_code,
     )
+    auto_class = AutoModelForCausalLM
+    if reward_head_pad_id is not None:
+        auto_class = AutoModelForSequenceClassification
+        kwargs.update(num_labels=1, pad_token_id=reward_head_pad_id)
     if method.type == "qlora":
         kwargs["quantization_config"] = quantization_config(method, dtype)
     try:
-        model = load_pretrained(AutoModelForCausalLM, name, model_cfg.allow_pickle, **kwargs)
+        model = load_pretrained(auto_class, name, model_cfg.allow_pickle, **kwargs)
     except ValueError as exc:
         if "attn_implementation" in kwargs and "does not support" in str(exc) and model_cfg.attn_implementation == "auto":
             kwargs["attn_implementation"] = "eager"  # architecture without SDPA support
-            model = load_pretrained(AutoModelForCausalLM, name, model_cfg.allow_pickle, **kwargs)
+            model = load_pretrained(auto_class, name, model_cfg.allow_pickle, **kwargs)
         else:
             raise _load_error(name, "model", exc) from None
     except OSError as exc:

@@ -9,10 +9,7 @@ The rest is the shared runner's (vitune.train.runner).
 from __future__ import annotations
 
 from vitune.config import RunConfig
-from vitune.train.runner import (  # noqa: F401 (the names that callers of sft knew)
-    SUMMARY, PreparedRun, RunInterrupted, SpeedPlan, TrainResult, check_output_dir, fit, plan_speed,
-    prepare_run, run_training, scale_out_arguments, training_arguments,
-)
+from vitune.train.runner import TrainResult, run_training
 from vitune.train.stages import Batches, Stage
 
 

@@ -1,5 +1,6 @@
-"""The pieces every training stage shares: the Trainer subclass that measures tokens and
-FLOPs, and the callbacks that write metrics.jsonl and draw the progress bar."""
+"""The pieces every training stage shares: the mixin that measures tokens and FLOPs and writes
+atomic checkpoints (`VituneTrainerMixin`, on transformers' Trainer as `VituneTrainer`, or on a
+TRL trainer), and the callbacks that write metrics.jsonl and draw the progress bar."""
 
 from __future__ import annotations
 
@@ -13,14 +14,12 @@ from transformers import Trainer, TrainerCallback
 from vitune.train.telemetry import FlopsModel, flops_model, peak_flops, peak_memory_gib
 
 
-class VituneTrainer(Trainer):
-    """`Trainer` that also measures what a step does: real (non-padding) tokens, token
-    slots, model FLOPs, for tokens/s, padding fraction, TFLOP/s and MFU in the logs.
-
-    The loss itself is Trainer's: with `num_items_in_batch` it is the mean over all trained
-    tokens of the optimizer step (across micro-batches, gradient accumulation and
-    processes), not a mean of per-micro-batch means. PEFT models keep it: Trainer looks
-    through the adapter to the base model's forward, which takes the loss kwargs.
+class VituneTrainerMixin:
+    """What every vitune Trainer adds to the one it extends (transformers' `Trainer`, or TRL's
+    GRPOTrainer / RLOOTrainer, which subclass it): counting real tokens, token slots and model
+    FLOPs for tokens/s, padding fraction, TFLOP/s and MFU in the logs; a stage's own metrics
+    (`record_metric`); atomic checkpoints; a resume at the last step that trains nothing; and
+    train.fsdp on CPU processes. Put it first: `class X(VituneTrainerMixin, SomeTrainer)`.
     """
 
     def __init__(self, *args, flops: FlopsModel | None = None, checkpoint_marker: tuple | None = None, **kwargs):
@@ -79,7 +78,8 @@ class VituneTrainer(Trainer):
             self._count(inputs)
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
-    def _count(self, inputs: dict) -> None:
+    def _row_lengths(self, inputs: dict) -> tuple[torch.Tensor, int]:
+        """(real tokens of each sequence of the micro-batch, token slots it takes)."""
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         if "cu_seq_lens_q" in inputs:  # packed: one row, no padding
@@ -88,12 +88,16 @@ class VituneTrainer(Trainer):
             lengths = mask.sum(dim=1)
         else:
             lengths = torch.full((ids.shape[0],), ids.shape[1])
+        return lengths, ids.numel()
+
+    def _count(self, inputs: dict) -> None:
+        lengths, slots = self._row_lengths(inputs)
         real = int(lengths.sum())
         flops = self.flops.step(real, int((lengths.long() ** 2).sum()))
         self.real_tokens += real
-        self.token_slots += ids.numel()
+        self.token_slots += slots
         self.model_flops += flops
-        for i, value in enumerate((real, ids.numel(), flops)):
+        for i, value in enumerate((real, slots, flops)):
             self._window[i] += value
 
     def throughput(self, tokens: int, slots: int, flops: float, seconds: float) -> dict:
@@ -174,6 +178,17 @@ class VituneTrainer(Trainer):
             self._window = [0, 0, 0.0]
             self._window_start = now
         super().log(logs, start_time)
+
+
+class VituneTrainer(VituneTrainerMixin, Trainer):
+    """`Trainer` that also measures what a step does: real (non-padding) tokens, token
+    slots, model FLOPs, for tokens/s, padding fraction, TFLOP/s and MFU in the logs.
+
+    The loss itself is Trainer's: with `num_items_in_batch` it is the mean over all trained
+    tokens of the optimizer step (across micro-batches, gradient accumulation and
+    processes), not a mean of per-micro-batch means. PEFT models keep it: Trainer looks
+    through the adapter to the base model's forward, which takes the loss kwargs.
+    """
 
 
 class _AtLastStep(Exception):

@@ -1,0 +1,240 @@
+"""Stage rl: reinforcement learning from rewards (GRPO or RLOO) through TRL, on the shared runner.
+
+Its own parts:
+- data: prompts from any SFT data (alpaca, sharegpt, messages); the answer a row ends with is
+  dropped. Each prompt is rendered by the run's chat template up to the assistant's generation
+  prompt -- exactly what `vitune chat` sends the model -- and handed to TRL as a finished string,
+  tokenised without special tokens (the template writes its own BOS; TRL's tokenizer call would
+  add a second one). Prompts over data.max_length tokens are rejected and counted.
+- generation: TRL samples `rl.num_generations` completions per prompt, at most
+  `rl.max_completion_length` tokens, stopping at the template's end of turn (the model's
+  generation config gets the template's stop ids);
+- rewards (vitune.train.rewards): Python functions and vitune reward models, summed with their
+  weights; each sees the completion without its end-of-turn marker;
+- the reference for the KL term (`rl.beta` > 0): the model with the adapter disabled (a new
+  LoRA/QLoRA adapter: the base), TRL's frozen copy of the starting adapter for `model.adapter`
+  (an SFT run: the reference is that SFT model), or TRL's second copy of the model (full);
+- the loss and the padded batches are TRL's (GRPOTrainer / RLOOTrainer), with vitune's telemetry,
+  atomic checkpoints and exact resume (VituneTrainerMixin); metrics: reward, reward_std, kl,
+  completion length, entropy, and each reward's mean, in metrics.jsonl and the progress bar.
+
+Batch sizes count completions: one optimizer step takes micro_batch_size x gradient_accumulation
+x processes completions, i.e. that number / num_generations prompts, so it must be a multiple of
+num_generations.
+
+Classic PPO (a learned value head and per-token advantages) would be a third `rl.algorithm`:
+a trainer here whose model carries a value head (`load_model`), generating inside its own loop
+as these do; nothing else in the stage changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+from vitune.config import RunConfig
+from vitune.data.records import Conversation, Rejection
+from vitune.errors import ConfigError, DataError
+from vitune.train.stages import Batches, Stage
+from vitune.train.trainer import VituneTrainerMixin
+
+REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
+TRL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
+               "completions/clipped_ratio")
+
+
+@dataclass
+class PromptRow:
+    prompt: str  # rendered by the chat template, ending with the generation prompt
+    question: str  # the last user message: what reward functions get as `prompt`
+    conversation: str  # the turns before the answer (JSON), for reward models
+    source: str  # file and row, for error messages
+    tokens: int
+
+
+# ---------------------------------------------------------------- data
+
+
+def prepare_prompts(config: RunConfig, tokenizer, template):
+    """SFT rows -> (train prompts, eval prompts, report), read = kept + rejected."""
+    from vitune.data.pipeline import DataReport, load_conversations, raise_for_bad_rows
+    from vitune.data.templates import TemplateRefused
+    from vitune.train.rewards import conversation_json
+
+    data = config.data
+    report = DataReport()
+    train_convs, eval_convs = load_conversations(data, config.train.seed, report)
+    splits = []
+    for convs, count in ((train_convs, True), (eval_convs, False)):
+        rows = []
+        for conv in convs:
+            asked = conv.messages[:-1] if conv.messages and conv.messages[-1].role == "assistant" else conv.messages
+            context = Conversation(asked, system=conv.system, source=conv.source)
+            try:
+                prompt = template.prompt(context)
+            except TemplateRefused as exc:
+                report.rejections.append(Rejection(conv.source, exc.reason, exc.detail))
+                continue
+            n = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if n > data.max_length:
+                report.rejections.append(Rejection(conv.source, "too long", f"prompt of {n} tokens > data.max_length "
+                                                   f"{data.max_length} (raise data.max_length)"))
+                continue
+            rows.append(PromptRow(prompt, asked[-1].text, conversation_json(context), conv.source, n))
+            if count:
+                report.total_tokens += n  # prompt tokens: none of them is trained (completions are)
+        splits.append(rows)
+    raise_for_bad_rows(report, data.on_error)
+    if not splits[0]:
+        raise DataError(f"every training prompt was rejected ({report.rejected_by_reason}); see the reasons above")
+    report.rows_kept = report.rows_read - report.rows_rejected
+    return splits[0], splits[1], report
+
+
+def stop_token_ids(tokenizer, template) -> list[int]:
+    """The token ids that end an answer: the template's end-of-turn markers and the tokenizer's EOS
+    (as `vitune chat` stops)."""
+    ids = []
+    for text in template.stop_strings:
+        token = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
+            ids.append(token)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def check_group_size(config: RunConfig, processes: int) -> None:
+    """TRL groups each prompt's completions within one generation batch (TRL #3061): the completions
+    of a step must be a whole number of groups."""
+    t, g = config.train, config.rl.num_generations
+    per_step = t.micro_batch_size * t.gradient_accumulation * processes
+    if per_step % g == 0:
+        return
+    micro = next(m for m in range(t.micro_batch_size, t.micro_batch_size + g + 1)
+                 if (m * t.gradient_accumulation * processes) % g == 0)
+    smaller = max((n for n in range(2, g) if per_step % n == 0), default=None)
+    other = f" (or rl.num_generations to {smaller})" if smaller else ""
+    raise ConfigError(
+        f"train.micro_batch_size {t.micro_batch_size} x train.gradient_accumulation {t.gradient_accumulation} x "
+        f"{processes} process(es) = {per_step} completions per step, not a multiple of rl.num_generations {g} (each "
+        f"prompt's {g} completions are compared within one step); set train.micro_batch_size to {micro}{other}"
+    )
+
+
+# ---------------------------------------------------------------- trainers
+
+
+class RlTrainerMixin(VituneTrainerMixin):
+    """What vitune changes in TRL's RL trainers: prompts tokenised as rendered, telemetry over the
+    prompt + completion rows, and only the trained adapter saved (TRL's frozen reference copy is
+    rebuilt from model.adapter at every start)."""
+
+    def _tokenize_prompts(self, prompts: list):
+        # vitune's template already wrote the BOS (if the model has one): add no special tokens
+        return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
+
+    def _row_lengths(self, inputs: dict) -> tuple[torch.Tensor, int]:
+        lengths = inputs["prompt_mask"].sum(dim=1) + inputs["completion_mask"].sum(dim=1)
+        return lengths, inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        adapters = getattr(self.accelerator.unwrap_model(self.model), "peft_config", None)
+        reference = adapters.pop(REFERENCE_ADAPTER, None) if adapters else None
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            if reference is not None:
+                adapters[REFERENCE_ADAPTER] = reference
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        pass  # TRL writes a README.md into the run folder at each checkpoint; summary.json says what the run did
+
+
+class VituneGRPOTrainer(RlTrainerMixin, GRPOTrainer):
+    """TRL's GRPO (group-relative advantages) with vitune's telemetry and checkpoints."""
+
+
+class VituneRLOOTrainer(RlTrainerMixin, RLOOTrainer):
+    """TRL's RLOO (leave-one-out baseline) with vitune's telemetry and checkpoints."""
+
+
+ALGORITHMS = {"grpo": (GRPOConfig, VituneGRPOTrainer), "rloo": (RLOOConfig, VituneRLOOTrainer)}
+
+
+# ---------------------------------------------------------------- stage
+
+
+class RlStage(Stage):
+    name = "rl"
+    metric_keys = TRL_METRICS
+    progress_fields = (("reward", "reward"), ("kl", "kl"), ("len", "completions/mean_length"))
+    packed_forward = False  # TRL pads its prompt + completion rows itself
+
+    def check(self, config: RunConfig) -> None:
+        from vitune.train.rewards import check_rewards
+        from vitune.train.sharding import process_state
+
+        super().check(config)
+        check_rewards(config.rl.rewards)
+        processes = process_state().num_processes
+        check_group_size(config, processes)
+        if (config.data.eval or config.data.val_size) and (config.train.micro_batch_size * processes) % config.rl.num_generations:
+            raise ConfigError(
+                f"held-out prompts (data.eval / data.val_size) are evaluated {config.train.micro_batch_size * processes} "
+                f"completions at a time (train.micro_batch_size x processes), not a multiple of rl.num_generations "
+                f"{config.rl.num_generations}; raise train.micro_batch_size or remove data.eval / data.val_size")
+        # TRL logs each reward's mean as rewards/<name>/mean (names as rewards.py gives them)
+        names = [r.function.partition(":")[2] if r.function else Path(r.model).name for r in config.rl.rewards]
+        self.metric_keys = TRL_METRICS + tuple(f"rewards/{n}/mean" for n in names)
+
+    def prepare_data(self, config: RunConfig, tokenizer, template):
+        return prepare_prompts(config, tokenizer, template)
+
+    def describe_rows(self, train_rows, eval_rows) -> str:
+        held = f" + {len(eval_rows):,} held out" if eval_rows else ""
+        return f"{len(train_rows):,} prompts{held} (their answers unused), "
+
+    def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
+        from datasets import Dataset
+
+        def dataset(rows):
+            return Dataset.from_list([{"prompt": r.prompt, "question": r.question, "conversation": r.conversation,
+                                       "source": r.source} for r in rows]) if rows else []
+
+        return Batches(dataset(train_rows), dataset(eval_rows), collator=None)
+
+    def training_arguments(self, config: RunConfig, output_dir: Path, has_eval: bool, plan, resuming: bool = False):
+        from vitune.train.runner import training_arguments
+
+        rl = config.rl
+        args_class, _ = ALGORITHMS[rl.algorithm]
+        return training_arguments(
+            config, output_dir, has_eval, plan, resuming=resuming, args_class=args_class,
+            num_generations=rl.num_generations,
+            max_completion_length=rl.max_completion_length,
+            beta=rl.beta,
+            temperature=rl.temperature,
+            reward_weights=[r.weight for r in rl.rewards],
+            log_completions=False,
+        )
+
+    def make_trainer(self, config: RunConfig, template=None, **kwargs):
+        from vitune.train.rewards import load_rewards
+
+        _, trainer_class = ALGORITHMS[config.rl.algorithm]
+        model, tokenizer = kwargs["model"], kwargs["processing_class"]
+        kwargs.pop("data_collator", None)  # TRL batches the prompts itself
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # completions end where an answer ends: TRL stops on every eos id of the generation config
+        base.generation_config.eos_token_id = stop_token_ids(tokenizer, template)
+        rewards = load_rewards(config.rl.rewards, template.stop_strings)
+        trainer = trainer_class(reward_funcs=rewards, **kwargs)
+        if config.model.adapter is None and REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
+            # TRL copied the new adapter as the reference; a new adapter starts as the base, which the
+            # adapter disabled gives without a second adapter in every reference forward
+            model.delete_adapter(REFERENCE_ADAPTER)
+        return trainer
