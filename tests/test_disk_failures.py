@@ -206,13 +206,13 @@ def test_a_really_full_disk_keeps_the_last_checkpoint_and_resume_finishes(tiny_l
 
 
 def test_a_full_disk_under_any_other_write_is_one_line_and_exit_74(tmp_path, monkeypatch, capsys):
-    import vitune.train.sft as sft
+    import vitune.train.runner as runner
     from conftest import write_config
 
     def metrics_write_fails(config, console=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
 
-    monkeypatch.setattr(sft, "run_sft", metrics_write_fails)
+    monkeypatch.setattr(runner, "run_training", metrics_write_fails)
     config = write_config(tmp_path / "run.yaml", model={"name_or_path": "m"}, data={"train": [{"path": "x"}]})
     assert main(["train", str(config)]) == 74
     err = " ".join(capsys.readouterr().err.split())

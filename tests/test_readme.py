@@ -37,8 +37,13 @@ def test_config_reference_lists_every_key_and_validates():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     block = re.search(r"## Config reference.*?```yaml\n(.*?)```", readme, re.S).group(1)
     reference = yaml.safe_load(block)
-    # the reference is a valid config (it lists the quantization section, used by qlora)
-    RunConfig.model_validate({**reference, "method": {**reference["method"], "type": "qlora"}})
+    # the reference is a valid config (it lists the quantization section, used by qlora), and so
+    # are its dpo and rl sections with their stages
+    base = {k: v for k, v in reference.items() if k not in ("dpo", "rl")}
+    base["method"] = {**reference["method"], "type": "qlora"}
+    RunConfig.model_validate(base)
+    for stage in ("dpo", "rl"):
+        RunConfig.model_validate({**base, "train": {**base["train"], "stage": stage}, stage: reference[stage]})
     missing = {k for k in schema_keys(RunConfig) - yaml_keys(reference) if not k.startswith("data.eval.")}  # eval entries are train entries
     assert missing == set()
 

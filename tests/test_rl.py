@@ -94,7 +94,7 @@ def test_rl_run_with_lora_writes_a_complete_run_folder(algorithm, tiny_llama, tm
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stage"] == "rl" and summary["steps"] == 2
     assert (out / "adapter_model.safetensors").is_file()
-    assert not (out / "ref").exists() and not (out / "README.md").exists()  # only the trained adapter
+    assert not (out / "ref").exists()  # only the trained adapter, not TRL's reference copy
     logged = records(out)
     assert [r["step"] for r in logged] == [1, 2]
     for key in ("loss", "reward", "reward_std", "kl", "completions/mean_length", "rewards/short/mean", "real_tokens"):
@@ -104,14 +104,17 @@ def test_rl_run_with_lora_writes_a_complete_run_folder(algorithm, tiny_llama, tm
     assert (report["rows_read"], report["rows_kept"], report["rows_rejected"]) == (16, 16, 0)
 
 
+@pytest.mark.slow
 def test_mean_reward_goes_up_with_an_easy_reward(tiny_llama, tmp_path, rewards_module):
-    # -(characters of the answer): ending the turn early is what a random tiny model can learn
+    # -(characters of the answer): ending the turn early (or choosing short tokens) is what a random
+    # tiny model can learn in a few steps; every weight trained, at a high learning rate
     out = tmp_path / "learns"
-    config = rl_config(tmp_path, tiny_llama, out, rewards=[{"function": "my_rewards:short"}], max_steps=10,
-                       learning_rate=2e-2, rl={"beta": 0.0, "max_completion_length": 16})
-    assert main(["train", str(config)]) == 0
+    config = rl_config(tmp_path, tiny_llama, out, rewards=[{"function": "my_rewards:short"}], max_steps=12,
+                       micro_batch_size=8, learning_rate=5e-3, scheduler="constant",
+                       rl={"beta": 0.0, "num_generations": 8, "max_completion_length": 8})
+    assert main(["train", str(config), "--set", "method.type=full"]) == 0
     rewards = [r["reward"] for r in records(out)]
-    assert len(rewards) == 10
+    assert len(rewards) == 12
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.5, rewards
 
@@ -133,6 +136,7 @@ def test_prompts_are_what_chat_renders_with_one_bos(tiny_llama, tmp_path):
     tokenizer = load_tokenizer(str(tiny_llama))
     template = resolve_template("auto", tokenizer)
     train, _, report = prepare_prompts(config, tokenizer, template)
+    train.sort(key=lambda r: r.source)  # rows come shuffled by train.seed
     assert [r.prompt for r in train] == [
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nThủ đô của Việt Nam là gì?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n",
@@ -309,6 +313,7 @@ def test_a_reward_model_scores_the_prompt_conversation_with_the_completion(tiny_
 # ---------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_llama, tmp_path, rewards_module):
     from safetensors.torch import load_file
 

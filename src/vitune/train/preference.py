@@ -140,6 +140,15 @@ def _last_trained(labels: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     return torch.tensor(ends)
 
 
+def disable_dropout(model):
+    """Dropout off (the model's and LoRA's), as TRL's preference trainers do by default: with it,
+    the log-ratio of policy to reference would be noise even where the two are the same weights."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
               "max_length_k", "use_cache")
 
@@ -311,7 +320,7 @@ class PreferenceStage(Stage):
         if config.model.adapter and NEEDS_REFERENCE[config.dpo.loss]:
             # the starting adapter, frozen, is the reference: the SFT model, not the bare base
             model.load_adapter(config.model.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
-        return model
+        return disable_dropout(model)
 
     def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
         to_items = answer_items if config.dpo.loss == "kto" else pair_items

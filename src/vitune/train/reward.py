@@ -81,7 +81,9 @@ class RewardStage(Stage):
     def adapt_model(self, model, config: RunConfig, gradient_checkpointing: bool):
         from vitune.models.loading import adapt_model
 
-        return adapt_model(model, config.method, gradient_checkpointing, task_type="SEQ_CLS")
+        from vitune.train.preference import disable_dropout
+
+        return disable_dropout(adapt_model(model, config.method, gradient_checkpointing, task_type="SEQ_CLS"))
 
     def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
         collator = PreferenceCollator(plan.packing, pad_token_id)

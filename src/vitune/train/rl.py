@@ -150,9 +150,6 @@ class RlTrainerMixin(VituneTrainerMixin):
             if reference is not None:
                 adapters[REFERENCE_ADAPTER] = reference
 
-    def create_model_card(self, *args, **kwargs) -> None:
-        pass  # TRL writes a README.md into the run folder at each checkpoint; summary.json says what the run did
-
 
 class VituneGRPOTrainer(RlTrainerMixin, GRPOTrainer):
     """TRL's GRPO (group-relative advantages) with vitune's telemetry and checkpoints."""
