@@ -54,11 +54,11 @@ def models(tiny_models):
     return policy, reference.eval(), tokenizer
 
 
-def _vitune(model, reference, items, settings, tmp_path, kto=False, packed=True):
+def _vitune(model, reference, items, settings, tmp_path, kto=False, packed=True, shared=True):
     args = TrainingArguments(output_dir=str(tmp_path / "vitune"), use_cpu=True, report_to="none",
                              per_device_train_batch_size=len(items))
     trainer = PreferenceTrainer(model=model, args=args, settings=settings, reference_model=reference)
-    batch = PreferenceCollator(packed=packed, pad_token_id=0, kto=kto)(items)
+    batch = PreferenceCollator(packed=packed, pad_token_id=0, kto=kto, share_prompt=shared)(items)
     model.train()
     with packed_attention(model) if packed else contextlib.nullcontext():
         return trainer.compute_loss(model, batch)
@@ -83,14 +83,17 @@ def _assert_same(ours, theirs, model, relative=False):
 
 
 @pytest.mark.parametrize("loss,beta", [("sigmoid", 0.1), ("hinge", 0.1), ("ipo", 0.5), ("simpo", 2.0)])
-@pytest.mark.parametrize("packed", [True, False])
-def test_pair_losses_and_gradients_equal_trl(models, tmp_path, loss, beta, packed):
+@pytest.mark.parametrize("layout", ["shared prompt", "packed", "padded"])
+def test_pair_losses_and_gradients_equal_trl(models, tmp_path, loss, beta, layout):
+    """Every layout vitune trains with: one padding-free row with each pair's prompt run once
+    (the default on SDPA), one row with every sequence whole (flash-attn's varlen), padded rows."""
     policy, reference, tokenizer = models
     pairs = _pairs(policy.config.vocab_size)
     items = [{"sequences": [_sequence(p, c), _sequence(p, r)], "margin": 0.0, "desirable": [True, False]}
              for p, c, r in pairs]
     settings = DpoConfig(loss=loss, beta=beta, simpo_gamma=0.5)
-    ours = _vitune(policy, reference if loss != "simpo" else None, items, settings, tmp_path, packed=packed)
+    ours = _vitune(policy, reference if loss != "simpo" else None, items, settings, tmp_path,
+                   packed=layout != "padded", shared=layout == "shared prompt")
     theirs = trl_preference_loss(policy, tokenizer, pairs, loss, beta, simpo_gamma=0.5,
                                  ref_model=reference if loss != "simpo" else None)
     _assert_same(ours, theirs, policy, relative=loss == "ipo")

@@ -51,12 +51,27 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
     window = kwargs.get("sliding_window")
+    prefix = kwargs.get("vitune_prefix")  # per row: tokens at the start of the row before that it also sees
     rows = []
     # torch.split, not slicing: the backward of a split is one concatenation, while each
     # slice's backward would write its gradient into a zero tensor of the whole row.
-    for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value))):
+    keys, values = key.split(lengths, dim=2), value.split(lengths, dim=2)
+    for j, q in enumerate(query.split(lengths, dim=2)):
+        k, v = keys[j], values[j]
         n = q.shape[2]
-        if window and n > window:  # Mistral-style sliding window: keys within `window` of the query
+        if prefix and prefix[j]:
+            # a preference pair's second answer: its prompt is the start of the row before
+            # (vitune.train.preference); keys are [prompt; answer], causal over the answer
+            shared = prefix[j]
+            k, v = torch.cat([keys[j - 1][:, :, :shared], k], dim=2), torch.cat([values[j - 1][:, :, :shared], v], dim=2)
+            q_pos = torch.arange(shared, shared + n, device=query.device)
+            k_pos = torch.arange(shared + n, device=query.device)
+            visible = k_pos[None, :] <= q_pos[:, None]
+            if window:
+                visible &= k_pos[None, :] > q_pos[:, None] - window
+            rows.append(F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p, scale=scaling,
+                                                       enable_gqa=gqa))
+        elif window and n > window:  # Mistral-style sliding window: keys within `window` of the query
             i = torch.arange(n, device=query.device)
             band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
             rows.append(F.scaled_dot_product_attention(q, k, v, attn_mask=band, dropout_p=p, scale=scaling, enable_gqa=gqa))

@@ -18,7 +18,7 @@ from vitune.data.tokenize import IGNORE
 from vitune.errors import UserError
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-              "max_length_k", "use_cache")
+              "max_length_k", "use_cache", "vitune_prefix")
 
 
 def _parts(model):

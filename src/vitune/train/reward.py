@@ -86,7 +86,7 @@ class RewardStage(Stage):
         return disable_dropout(adapt_model(model, config.method, gradient_checkpointing, task_type="SEQ_CLS"))
 
     def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
-        collator = PreferenceCollator(plan.packing, pad_token_id)
+        collator = PreferenceCollator(plan.packing, pad_token_id, share_prompt=plan.attention.startswith("sdpa"))
         return Batches(pair_items(train_rows), pair_items(eval_rows), collator)
 
     def make_trainer(self, config: RunConfig, template=None, **kwargs):
