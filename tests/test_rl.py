@@ -285,7 +285,7 @@ def test_completions_per_step_must_be_whole_groups(tiny_llama, tmp_path, rewards
 
 
 def test_a_reward_model_scores_the_prompt_conversation_with_the_completion(tiny_llama, tmp_path, monkeypatch):
-    import vitune.train.reward as reward
+    import vitune.models.reward as reward
     from vitune.data.records import Conversation, Message
     from vitune.train.rewards import ModelReward, conversation_json
 

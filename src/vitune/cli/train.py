@@ -66,7 +66,16 @@ def train(
     if s.get("eval_loss_end") is not None:
         before = f"{s['eval_loss_start']:.4f} -> " if s.get("eval_loss_start") is not None else ""
         console.print(f"held-out loss {before}{s['eval_loss_end']:.4f}")
-    console.print(f"chat with it: vitune chat {escape(str(result.output_dir))}")
+    if s.get("eval_rewards_accuracy_end") is not None:
+        before = f"{s['eval_rewards_accuracy_start']:.1%} -> " if s.get("eval_rewards_accuracy_start") is not None else ""
+        console.print(f"held-out pairs: chosen preferred in {before}{s['eval_rewards_accuracy_end']:.1%}, mean margin "
+                      f"{s['eval_rewards_margin_end']:.3f}")
+    if s.get("reward_last") is not None:
+        console.print(f"mean reward {s['reward_first']:.4f} (first step) -> {s['reward_last']:.4f} (last step)")
+    if s.get("stage") == "rm":
+        console.print(f"score answers with it: vitune score {escape(str(result.output_dir))} --data FILE")
+    else:
+        console.print(f"chat with it: vitune chat {escape(str(result.output_dir))}")
 
 
 def launch(config: Path, overrides: list[str], nproc: int) -> int:

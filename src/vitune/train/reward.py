@@ -1,4 +1,4 @@
-"""Stage rm: a reward model trained on preference pairs, and `RewardScorer`, which reads one back.
+"""Stage rm: a reward model trained on preference pairs (read back by vitune.models.reward.RewardScorer).
 
 Its own parts:
 - the model: the base with a scalar head instead of the LM head
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from vitune.config import RunConfig
 from vitune.errors import ConfigError
-from vitune.models.reward import RewardScorer, sequence_rewards  # noqa: F401 (RewardScorer: read one back)
+from vitune.models.reward import sequence_rewards
 from vitune.train.preference import PAIR_METRICS, PreferenceCollator, pair_items
 from vitune.train.stages import Batches, Stage
 from vitune.train.trainer import VituneTrainer

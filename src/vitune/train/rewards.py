@@ -123,7 +123,7 @@ class ModelReward:
     to its prompt's conversation (the `conversation` column, JSON)."""
 
     def __init__(self, path: str, stop_strings: list[str]):
-        from vitune.train.reward import RewardScorer
+        from vitune.models.reward import RewardScorer
 
         self.path, self.stop_strings = path, stop_strings
         self.scorer = RewardScorer.load(path)

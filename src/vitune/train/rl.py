@@ -169,6 +169,7 @@ class RlStage(Stage):
     name = "rl"
     metric_keys = TRL_METRICS
     progress_fields = (("reward", "reward"), ("kl", "kl"), ("len", "completions/mean_length"))
+    summary_keys = ("reward", "kl", "completions/mean_length")
     packed_forward = False  # TRL pads its prompt + completion rows itself
 
     def check(self, config: RunConfig) -> None:

@@ -95,7 +95,7 @@ def plan_speed(config: RunConfig, model, stage=None) -> SpeedPlan:
     from vitune.train.gpu import checkpointing_plan, use_liger
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    packing = config.data.packing
+    packing = config.data.packing and (stage is None or stage.packed_forward)  # rl: TRL pads its own batches
     if packing and not supports_packing(model):
         if "packing" in config.data.model_fields_set:
             raise UserError(f"data.packing: true, but {base.config.model_type} models cannot keep packed rows apart "
@@ -420,6 +420,10 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         if end is not None:
             summary[f"eval_{key.replace('/', '_')}_start"] = start
             summary[f"eval_{key.replace('/', '_')}_end"] = end
+    for key in stage.summary_keys:  # e.g. rl's mean reward at the first and the last logged step
+        logged = [r[key] for r in metrics.train_records if key in r]
+        if logged:
+            summary[f"{key.replace('/', '_')}_first"], summary[f"{key.replace('/', '_')}_last"] = logged[0], logged[-1]
     if stop.received:
         summary["stopped_by"] = stop.received
     return trainer, summary

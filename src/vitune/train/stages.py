@@ -28,6 +28,8 @@ class Stage:
     # extra keys the stage logs (and metrics.jsonl keeps), e.g. "rewards/accuracy"; their held-out
     # values at the start and end go into summary.json as eval_<key>_start / _end
     metric_keys: tuple[str, ...] = ()
+    # training metrics whose first and last logged values go into summary.json (<key>_first, <key>_last)
+    summary_keys: tuple[str, ...] = ()
     # (label, log key) pairs shown in the progress bar beside the loss
     progress_fields: tuple[tuple[str, str], ...] = ()
     # True: a packed batch runs the model on one padding-free row (vitune's row-wise attention wraps it)

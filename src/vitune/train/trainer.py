@@ -213,6 +213,7 @@ class MetricsFile(TrainerCallback):
         # a stage's own metrics (rewards/accuracy, ...), in training and held out (eval_ prefixed)
         self.keys = self.KEYS + tuple(keys) + tuple(f"eval_{k}" for k in keys)
         self.losses: list[tuple[int, float]] = []
+        self.train_records: list[dict] = []  # every training log of this process's run (not the resumed part)
         self.evals: list[tuple[int, float]] = []  # (step, held-out loss)
         self.eval_records: list[dict] = []  # every held-out record, for the stage's metrics
         self.eval_seconds = 0.0  # time spent evaluating, which is not training speed
@@ -247,6 +248,7 @@ class MetricsFile(TrainerCallback):
             return
         if "loss" in record:
             self.losses.append((state.global_step, record["loss"]))
+            self.train_records.append(record)
         if "eval_loss" in record:
             self.evals.append((state.global_step, record["eval_loss"]))
             self.eval_records.append(record)
