@@ -333,3 +333,23 @@ def test_kill_9_then_resume_is_bit_identical(stage, tiny_llama, tmp_path):
     assert not (out / "summary.json").exists() and complete_checkpoints(out)
     assert main(["train", str(config_path), "--set", "train.resume=auto"]) == 0
     assert same_weights(out, reference)
+
+
+def test_bundled_preference_pairs_load_whole_and_the_eval_split_is_apart():
+    import unicodedata
+
+    from vitune.data.formats import OTHER_PARSERS, detect_format
+    from vitune.data.sources import read_rows
+
+    prompts = {}
+    for path, count in ((PAIRS, 270), (EVAL_PAIRS, 48)):
+        rows = [raw.row for raw in read_rows(str(path))]
+        assert len(rows) == count
+        records = [OTHER_PARSERS[detect_format(r, {})](r, {}) for r in rows]
+        assert all(r.chosen.content != r.rejected.content for r in records)
+        prompts[path] = {r.prompt_messages[-1].text for r in records}
+        assert len(prompts[path]) == count  # no prompt twice
+        assert all(unicodedata.is_normalized("NFC", line) for line in path.read_text(encoding="utf-8").splitlines())
+        kinds = {r["failure"] for r in rows}
+        assert kinds == {"wrong_fact", "english", "no_diacritics", "rude", "off_topic", "rambling"}
+    assert not prompts[PAIRS] & prompts[EVAL_PAIRS]  # the held-out pairs are never trained on
