@@ -108,12 +108,14 @@ def _place_system_prompt(conv: Conversation, mode: str, report: DataReport) -> C
     return Conversation(conv.messages, system=None, source=conv.source)
 
 
-def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) -> list[Conversation]:
-    """One dataset entry -> conversations; unusable rows go to the report."""
-    convs: list[Conversation] = []
+def formatted_rows(spec: DatasetSpec, report: DataReport, formats: str, kept=None):
+    """Every readable row of one dataset entry with its format (spec.format, or detected), counted
+    as read; unreadable rows and rows of no known format go to the report. `formats` names the
+    formats the caller takes (for the message); `kept()` says how many rows the caller has kept,
+    so reading stops at spec.max_samples before one row more is read."""
     fmt = None if spec.format == "auto" else spec.format
     for raw in read_rows(spec.path, spec.split):
-        if spec.max_samples is not None and len(convs) >= spec.max_samples:
+        if spec.max_samples is not None and kept is not None and kept() >= spec.max_samples:
             break
         report.rows_read += 1
         if raw.row is None:
@@ -125,9 +127,16 @@ def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) 
             keys = ", ".join(sorted(map(str, raw.row))) or "none"
             report.rejections.append(Rejection(
                 raw.source, "unknown format",
-                f"cannot tell the format from the fields ({keys}); set format: alpaca | sharegpt | messages, "
+                f"cannot tell the format from the fields ({keys}); set format: {formats}, "
                 "or map your fields with columns", raw.row))
             continue
+        yield raw, row_format
+
+
+def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) -> list[Conversation]:
+    """One dataset entry -> conversations; unusable rows go to the report."""
+    convs: list[Conversation] = []
+    for raw, row_format in formatted_rows(spec, report, "alpaca | sharegpt | messages", lambda: len(convs)):
         if row_format in ("text", "preference"):
             kind = "raw text (pretraining)" if row_format == "text" else "preference (chosen/rejected)"
             raise DataError(

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from vitune.config import DataConfig, DatasetSpec
-from vitune.data.formats import OTHER_PARSERS, RowProblem, detect_format
-from vitune.data.pipeline import DataReport, _apply_weight, _normalize, _place_system_prompt, raise_for_bad_rows
+from vitune.data.formats import OTHER_PARSERS, RowProblem
+from vitune.data.pipeline import (
+    DataReport, _apply_weight, _normalize, _place_system_prompt, formatted_rows, raise_for_bad_rows,
+)
 from vitune.data.records import Preference, Rejection
-from vitune.data.sources import read_rows
 from vitune.data.templates import Template, TemplateRefused
 from vitune.data.tokenize import IGNORE, TokenizedRow, tokenize_conversations
 from vitune.errors import DataError
@@ -55,24 +56,8 @@ def prompt_length(row: TokenizedRow) -> int:
 def read_preferences(spec: DatasetSpec, data: DataConfig, report: DataReport, stage: str) -> list[Preference]:
     """One dataset entry -> preference records; unusable rows go to the report."""
     out: list[Preference] = []
-    fmt = None if spec.format == "auto" else spec.format
-    for raw in read_rows(spec.path, spec.split):
-        if spec.max_samples is not None and len(out) >= spec.max_samples:
-            break
-        report.rows_read += 1
-        if raw.row is None:
-            reason, detail = raw.problem
-            report.rejections.append(Rejection(raw.source, reason, detail))
-            continue
-        row_format = fmt or detect_format(raw.row, spec.columns)
+    for raw, row_format in formatted_rows(spec, report, "preference | unpaired", lambda: len(out)):
         if row_format not in ("preference", "unpaired"):
-            if row_format is None:
-                keys = ", ".join(sorted(map(str, raw.row))) or "none"
-                report.rejections.append(Rejection(
-                    raw.source, "unknown format",
-                    f"cannot tell the format from the fields ({keys}); stage {stage} needs preference rows with "
-                    "chosen and rejected (or map your fields with columns)", raw.row))
-                continue
             what = "raw text" if row_format == "text" else f"{row_format} (instruction/conversation)"
             raise DataError(
                 f"{raw.source}: {what} rows cannot train stage {stage}, which learns from preference rows "

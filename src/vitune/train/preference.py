@@ -236,22 +236,36 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
 # ---------------------------------------------------------------- trainer
 
 
-class PreferenceTrainer(VituneTrainer):
-    """VituneTrainer with the preference loss of `dpo.loss` on packed (or padded) pair batches."""
+class PairTrainer(VituneTrainer):
+    """What the rm and dpo trainers share: a loss that is a mean over the micro-batch's pairs (so
+    Trainer divides it by the accumulation steps), the tokens of the pairs counted as delivered,
+    and evaluation that reports the loss (and, through record_metric, the stage's metrics)."""
 
-    def __init__(self, *args, settings, reference_model=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.settings = settings
-        self.reference_model = reference_model  # full fine-tuning without precomputed log-probs
-        # the loss is a mean over the micro-batch's pairs: Trainer divides it by the accumulation steps
         self.model_accepts_loss_kwargs = False
-        self.kto = settings.loss == "kto"
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def _row_lengths(self, inputs: dict):
         if "delivered_lengths" in inputs:  # a shared prompt counts for both answers, as TRL counts it
             lengths = inputs["delivered_lengths"]
             return lengths, int(lengths.sum())
         return super()._row_lengths(inputs)
+
+
+class PreferenceTrainer(PairTrainer):
+    """The preference loss of `dpo.loss` on packed (or padded) pair batches."""
+
+    def __init__(self, *args, settings, reference_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.reference_model = reference_model  # full fine-tuning without precomputed log-probs
+        self.kto = settings.loss == "kto"
 
     # ------------------------------------------------------------ reference
 
@@ -342,12 +356,6 @@ class PreferenceTrainer(VituneTrainer):
         right = (chosen_rewards > rejected_rewards).float() + 0.5 * (chosen_rewards == rejected_rewards).float()
         self.record_metric("rewards/accuracy", float(right.sum()), n)
         self.record_metric("rewards/margin", float((chosen_rewards - rejected_rewards).sum()), n)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
 
 # ---------------------------------------------------------------- stage

@@ -16,23 +16,17 @@ Its own parts:
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from vitune.config import RunConfig
 from vitune.errors import ConfigError
 from vitune.models.reward import sequence_rewards
-from vitune.train.preference import PAIR_METRICS, PreferenceCollator, pair_items
+from vitune.train.preference import PAIR_METRICS, PairTrainer, PreferenceCollator, pair_items
 from vitune.train.stages import Batches, Stage
-from vitune.train.trainer import VituneTrainer
 
 
-class RewardTrainer(VituneTrainer):
-    """VituneTrainer with the Bradley-Terry loss on packed (or padded) pair batches."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.model_accepts_loss_kwargs = False  # a mean over pairs: Trainer divides by the accumulation steps
+class RewardTrainer(PairTrainer):
+    """The Bradley-Terry loss on packed (or padded) pair batches."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
@@ -47,12 +41,6 @@ class RewardTrainer(VituneTrainer):
         self.record_metric("rewards/accuracy", float(((c > r).float() + 0.5 * (c == r).float()).sum()), n)
         self.record_metric("rewards/margin", float((c - r).sum()), n)
         return (loss, {}) if return_outputs else loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
 
 class RewardStage(Stage):
