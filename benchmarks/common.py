@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -79,3 +82,26 @@ def environment() -> dict:
 def environment_line(info: dict) -> str:
     libs = ", ".join(f"{k} {v}" for k, v in info.items() if k not in ("device", "date") and v)
     return f"device: {info['device']}\nversions: {libs} ({info['date']})"
+
+
+GIB = 2**30
+
+
+def maxrss_gib(kib: int) -> float:
+    return kib * 1024 / GIB  # Linux reports ru_maxrss in KiB
+
+
+def run_child(script: Path, argv: list[str], log: Path, timeout: float, cwd: Path) -> tuple[int, float]:
+    """Run `script` as one child process to the end -> (exit code, its peak RSS in GiB from its own
+    rusage), killed after `timeout` seconds; the CPU only (CUDA hidden), output to `log`."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}  # a CPU benchmark, also on a GPU host
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), *argv], stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone
+        finally:
+            timer.cancel()
+    return os.waitstatus_to_exitcode(status), maxrss_gib(usage.ru_maxrss)

@@ -37,12 +37,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -50,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import StepClock, environment, environment_line, rate_from_metrics  # noqa: E402
+from common import StepClock, environment, environment_line, maxrss_gib, rate_from_metrics, run_child  # noqa: E402
 
 PRESET = "smollm2-135m-instruct"
 MODEL_DIR = ROOT / "runs" / PRESET
@@ -60,11 +57,6 @@ LR = 5e-5
 BETA = 0.1
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 STACKS = ("trl", "vitune")
-GIB = 2**30
-
-
-def maxrss_gib(kib: int) -> float:
-    return kib * 1024 / GIB  # Linux reports ru_maxrss in KiB
 
 
 def vitune_config(model_dir: Path, steps: int, batch: int, optim: str, out: Path):
@@ -219,19 +211,6 @@ def prepare(work: Path, model_dir: Path, tiny: bool, args) -> dict:
             "template": template.name}
 
 
-def run_child(argv: list[str], log: Path, timeout: float) -> tuple[int, float]:
-    """Run this script as one child to the end -> (exit code, its peak RSS in GiB from its own rusage)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}  # a CPU benchmark, also on a GPU host
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone
-        finally:
-            timer.cancel()
-    return os.waitstatus_to_exitcode(status), maxrss_gib(usage.ru_maxrss)
 
 
 def main(argv=None):
@@ -283,7 +262,8 @@ def main(argv=None):
         k = round_ % len(stacks)  # rotate which stack goes first
         for stack in stacks[k:] + stacks[:k]:
             log = work / f"log-{stack}-{round_}.txt"
-            rc, rss = run_child(["--child", stack, "--round", str(round_), *passthrough], log, args.timeout)
+            rc, rss = run_child(Path(__file__), ["--child", stack, "--round", str(round_), *passthrough], log,
+                                args.timeout, ROOT)
             result_file = work / f"result-{stack}-{round_}.json"
             if rc != 0 or not result_file.exists():
                 tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])

@@ -40,12 +40,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -53,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import StepClock, environment, environment_line, rate_from_metrics  # noqa: E402
+from common import StepClock, environment, environment_line, maxrss_gib, rate_from_metrics, run_child  # noqa: E402
 
 PRESET = "smollm2-135m-instruct"
 MAX_LENGTH = 1024
@@ -62,11 +59,6 @@ LR = 1e-4
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 METHODS = ("lora", "qlora", "full")
 STACKS = ("trl", "vitune")
-GIB = 2**30
-
-
-def maxrss_gib(kib: int) -> float:
-    return kib * 1024 / GIB  # Linux reports ru_maxrss in KiB
 
 
 def vitune_config(model_dir: Path, work: Path, method: str, steps: int, optim: str, out: Path):
@@ -210,20 +202,6 @@ def prepare(work: Path, steps: int, optim: str) -> dict:
             "max_length": lengths[-1], "trained_fraction": report.trained_token_fraction, "template": template.name}
 
 
-def run_child(argv: list[str], log: Path, timeout: float) -> tuple[int, float]:
-    """Run one child to the end -> (exit code, its peak RSS in GiB from its own rusage)."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}  # a CPU benchmark, also on a GPU host
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's rusage alone
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, maxrss_gib(usage.ru_maxrss)
 
 
 def main(argv=None):
@@ -276,8 +254,8 @@ def main(argv=None):
             k = (i + round_) % len(stacks)  # rotate which stack goes first
             for stack in stacks[k:] + stacks[:k]:
                 log = work / f"log-{stack}-{method}-{round_}.txt"
-                rc, rss = run_child(["--child", stack, "--method", method, "--round", str(round_), *passthrough],
-                                    log, args.timeout)
+                rc, rss = run_child(Path(__file__), ["--child", stack, "--method", method, "--round", str(round_), *passthrough],
+                                    log, args.timeout, ROOT)
                 result_file = work / f"result-{stack}-{method}-{round_}.json"
                 if rc != 0 or not result_file.exists():
                     tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
