@@ -353,3 +353,16 @@ def test_bundled_preference_pairs_load_whole_and_the_eval_split_is_apart():
         kinds = {r["failure"] for r in rows}
         assert kinds == {"wrong_fact", "english", "no_diacritics", "rude", "off_topic", "rambling"}
     assert not prompts[PAIRS] & prompts[EVAL_PAIRS]  # the held-out pairs are never trained on
+
+
+def test_data_inspect_shows_chosen_and_rejected_as_the_model_sees_them(tiny_llama, tmp_path, capsys):
+    config_path = write_config(tmp_path / "dpo.yaml", model={"name_or_path": str(tiny_llama)},
+                               data={"train": [{"path": str(PAIRS), "max_samples": 4}], "max_length": 512},
+                               train={"stage": "dpo"})
+    assert main(["data", "inspect", str(config_path), "-n", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "row 1 of 4, chosen:" in out and "row 1 of 4, rejected:" in out
+    assert "rows read / kept / rejected" in out and "4 / 4 / 0" in out
+    assert main(["data", "inspect", str(config_path), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["train_rows"] == 4 and stats["length_percentiles"]["max"] <= 512
