@@ -372,3 +372,13 @@ def test_data_inspect_shows_chosen_and_rejected_as_the_model_sees_them(tiny_llam
     assert main(["data", "inspect", str(config_path), "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["train_rows"] == 4 and stats["length_percentiles"]["max"] <= 512
+
+
+def test_unpaired_rows_given_to_sft_are_one_line(tiny_llama, tmp_path):
+    rows = write_jsonl(tmp_path / "u.jsonl", [{"prompt": "Chào?", "completion": "Chào bạn.", "label": True}])
+    cfg = config(tiny_llama, tmp_path / "s", "sft")
+    cfg.data.train[0].path = str(rows)
+    cfg.data.eval = None
+    with pytest.raises(DataError, match=r"u.jsonl:1: unpaired preference \(prompt/completion/label\) rows cannot train "
+                                        r"stage sft"):
+        run_training(cfg)

@@ -170,7 +170,7 @@ def test_an_error_inside_generate_reaches_the_caller(tiny_llama):
 def test_convert_from_an_unknown_format(tmp_path, capsys):
     src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}])
     assert run(["data", "convert", src, tmp_path / "o.jsonl", "--to", "alpaca", "--from", "chatml"], capsys) == (
-        2, "error: --from 'chatml': choose one of auto, alpaca, sharegpt, messages, text, preference\n")
+        2, "error: --from 'chatml': choose one of auto, alpaca, sharegpt, messages, text, preference, unpaired\n")
 
 
 def test_convert_to_a_folder_or_under_a_file(tmp_path, capsys):

@@ -137,8 +137,9 @@ def read_conversations(spec: DatasetSpec, data: DataConfig, report: DataReport) 
     """One dataset entry -> conversations; unusable rows go to the report."""
     convs: list[Conversation] = []
     for raw, row_format in formatted_rows(spec, report, "alpaca | sharegpt | messages", lambda: len(convs)):
-        if row_format in ("text", "preference"):
-            kind = "raw text (pretraining)" if row_format == "text" else "preference (chosen/rejected)"
+        if row_format in ("text", "preference", "unpaired"):
+            kind = {"text": "raw text (pretraining)", "preference": "preference (chosen/rejected)",
+                    "unpaired": "unpaired preference (prompt/completion/label)"}[row_format]
             raise DataError(
                 f"{raw.source}: {kind} rows cannot train stage sft; give instruction or conversation data "
                 f"(alpaca, sharegpt, messages), or set format: explicitly if detection chose {row_format}"
