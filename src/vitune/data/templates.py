@@ -355,3 +355,16 @@ def resolve_template(name: str, tokenizer) -> Template:
         if template.jinja() == source:
             return template
     return JinjaTemplate(tokenizer=tokenizer, source=source).check()
+
+
+def stop_token_ids(tokenizer, template) -> list[int]:
+    """The token ids that end an answer: the template's end-of-turn markers and the tokenizer's EOS
+    (as `vitune chat` stops)."""
+    ids = []
+    for text in template.stop_strings:
+        token = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
+            ids.append(token)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids

@@ -9,7 +9,7 @@ from threading import Thread
 from typing import Iterator, Optional
 
 from vitune.data.records import Conversation, Message, fold_system_prompt
-from vitune.data.templates import Template, resolve_template
+from vitune.data.templates import Template, resolve_template, stop_token_ids
 from vitune.errors import UserError
 from vitune.models.gguf import model_source
 from vitune.models.loading import (
@@ -133,11 +133,4 @@ def load_chat_model(path: str, template: str = "auto", base: Optional[str] = Non
     if torch.cuda.is_available():
         model = model.to("cuda")
     model.eval()
-    stop_ids = []
-    for text in chosen.stop_strings:
-        ids = tokenizer.convert_tokens_to_ids(text)
-        if isinstance(ids, int) and ids != tokenizer.unk_token_id:
-            stop_ids.append(ids)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stop_ids:
-        stop_ids.append(tokenizer.eos_token_id)
-    return ChatModel(model, tokenizer, chosen, stop_ids)
+    return ChatModel(model, tokenizer, chosen, stop_token_ids(tokenizer, chosen))

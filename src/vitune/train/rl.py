@@ -37,6 +37,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from vitune.config import RunConfig
 from vitune.data.records import Conversation, Rejection
+from vitune.data.templates import stop_token_ids
 from vitune.errors import ConfigError, DataError
 from vitune.train.stages import Batches, Stage
 from vitune.train.trainer import VituneTrainerMixin
@@ -92,19 +93,6 @@ def prepare_prompts(config: RunConfig, tokenizer, template):
         raise DataError(f"every training prompt was rejected ({report.rejected_by_reason}); see the reasons above")
     report.rows_kept = report.rows_read - report.rows_rejected
     return splits[0], splits[1], report
-
-
-def stop_token_ids(tokenizer, template) -> list[int]:
-    """The token ids that end an answer: the template's end-of-turn markers and the tokenizer's EOS
-    (as `vitune chat` stops)."""
-    ids = []
-    for text in template.stop_strings:
-        token = tokenizer.convert_tokens_to_ids(text)
-        if isinstance(token, int) and token != tokenizer.unk_token_id and token not in ids:
-            ids.append(token)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
 
 
 def check_group_size(config: RunConfig, processes: int) -> None:
