@@ -180,24 +180,29 @@ def raise_for_bad_rows(report: DataReport, on_error: str) -> None:
         )
 
 
-def load_conversations(data: DataConfig, seed: int, report: DataReport) -> tuple[list[Conversation], list[Conversation]]:
-    """All training conversations (mixed, weighted, shuffled by seed) and the evaluation ones."""
+def load_records(data: DataConfig, seed: int, report: DataReport, read, what: str = "training",
+                 report_bad_rows_first: bool = True) -> tuple[list, list]:
+    """All training records (mixed, weighted, shuffled by seed) and the evaluation ones, for any
+    record type: `read(spec)` reads one dataset entry. With `report_bad_rows_first` bad rows stop
+    the run here; otherwise only when no training record is left (the caller reports them later,
+    together with the ones its tokenisation finds)."""
     rng = random.Random(seed)
-    train: list[Conversation] = []
+    train: list = []
     for spec in data.train:
-        convs = read_conversations(spec, data, report)
-        weighted = _apply_weight(convs, spec.weight, rng)
-        if convs and not weighted:
-            raise DataError(f"{spec.path}: weight {spec.weight} keeps none of its {len(convs)} usable row(s); "
+        records = read(spec)
+        weighted = _apply_weight(records, spec.weight, rng)
+        if records and not weighted:
+            raise DataError(f"{spec.path}: weight {spec.weight} keeps none of its {len(records)} usable row(s); "
                             "raise its weight in data.train")
         train += weighted
-    evaluation: list[Conversation] = []
+    evaluation: list = []
     for spec in data.eval or []:
-        evaluation += read_conversations(spec, data, report)
-    raise_for_bad_rows(report, data.on_error)
+        evaluation += read(spec)
+    if report_bad_rows_first or not train:
+        raise_for_bad_rows(report, data.on_error)
     if not train:
         paths = ", ".join(s.path for s in data.train)
-        raise DataError(f"no usable training rows in {paths} ({report.rows_read} read, {report.rows_rejected} rejected)")
+        raise DataError(f"no usable {what} rows in {paths} ({report.rows_read} read, {report.rows_rejected} rejected)")
     rng.shuffle(train)
     if data.val_size:
         n_val = int(data.val_size) if data.val_size >= 1 else max(1, round(len(train) * data.val_size))
@@ -205,6 +210,11 @@ def load_conversations(data: DataConfig, seed: int, report: DataReport) -> tuple
             raise DataError(f"data.val_size = {data.val_size} leaves no training rows out of {len(train)}")
         evaluation, train = train[:n_val], train[n_val:]
     return train, evaluation
+
+
+def load_conversations(data: DataConfig, seed: int, report: DataReport) -> tuple[list[Conversation], list[Conversation]]:
+    """All training conversations (mixed, weighted, shuffled by seed) and the evaluation ones."""
+    return load_records(data, seed, report, lambda spec: read_conversations(spec, data, report))
 
 
 def _tokenize_chunk(args) -> list[TokenizedRow]:

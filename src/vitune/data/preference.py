@@ -14,14 +14,13 @@ Unpaired rows (prompt, completion, label) are kept only for the kto loss.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Optional
 
 from vitune.config import DataConfig, DatasetSpec
 from vitune.data.formats import OTHER_PARSERS, RowProblem
 from vitune.data.pipeline import (
-    DataReport, _apply_weight, _normalize, _place_system_prompt, formatted_rows, raise_for_bad_rows,
+    DataReport, _normalize, _place_system_prompt, formatted_rows, load_records, raise_for_bad_rows,
 )
 from vitune.data.records import Preference, Rejection
 from vitune.data.templates import Template, TemplateRefused
@@ -156,30 +155,10 @@ def _fit(row: TokenizedRow, max_length: int) -> TokenizedRow:
 
 
 def load_preferences(data: DataConfig, seed: int, report: DataReport, stage: str):
-    """All training records (mixed, weighted, shuffled by seed) and the evaluation ones."""
-    rng = random.Random(seed)
-    train: list[Preference] = []
-    for spec in data.train:
-        records = read_preferences(spec, data, report, stage)
-        weighted = _apply_weight(records, spec.weight, rng)
-        if records and not weighted:
-            raise DataError(f"{spec.path}: weight {spec.weight} keeps none of its {len(records)} usable row(s); "
-                            "raise its weight in data.train")
-        train += weighted
-    evaluation: list[Preference] = []
-    for spec in data.eval or []:
-        evaluation += read_preferences(spec, data, report, stage)
-    if not train:
-        raise_for_bad_rows(report, data.on_error)  # the bad rows say why, if there are any
-        paths = ", ".join(s.path for s in data.train)
-        raise DataError(f"no usable preference rows in {paths} ({report.rows_read} read, {report.rows_rejected} rejected)")
-    rng.shuffle(train)
-    if data.val_size:
-        n_val = int(data.val_size) if data.val_size >= 1 else max(1, round(len(train) * data.val_size))
-        if n_val >= len(train):
-            raise DataError(f"data.val_size = {data.val_size} leaves no training rows out of {len(train)}")
-        evaluation, train = train[:n_val], train[n_val:]
-    return train, evaluation
+    """All training records (mixed, weighted, shuffled by seed) and the evaluation ones; bad rows
+    are reported after tokenisation, with those it finds (a prompt too long, ...), all at once."""
+    return load_records(data, seed, report, lambda spec: read_preferences(spec, data, report, stage),
+                        what="preference", report_bad_rows_first=False)
 
 
 def prepare_preference_data(data: DataConfig, tokenizer, template: Template, seed: int, stage: str,
