@@ -70,6 +70,9 @@ def train(
         before = f"{s['eval_rewards_accuracy_start']:.1%} -> " if s.get("eval_rewards_accuracy_start") is not None else ""
         console.print(f"held-out pairs: chosen preferred in {before}{s['eval_rewards_accuracy_end']:.1%}, mean margin "
                       f"{s['eval_rewards_margin_end']:.3f}")
+    if s.get("eval_reward_end") is not None:
+        before = f"{s['eval_reward_start']:.4f} (start) -> " if s.get("eval_reward_start") is not None else ""
+        console.print(f"held-out prompts: mean reward {before}{s['eval_reward_end']:.4f} (end)")
     if s.get("reward_last") is not None:
         console.print(f"mean reward {s['reward_first']:.4f} (first step) -> {s['reward_last']:.4f} (last step)")
     if s.get("stage") == "rm":

@@ -159,6 +159,7 @@ class RlStage(Stage):
     progress_fields = (("reward", "reward"), ("kl", "kl"), ("len", "completions/mean_length"))
     summary_keys = ("reward", "kl", "completions/mean_length")
     packed_forward = False  # TRL pads its prompt + completion rows itself
+    held_out_loss = False  # held-out prompts are judged by their completions' mean reward (eval_reward)
 
     def check(self, config: RunConfig) -> None:
         from vitune.train.rewards import check_rewards
