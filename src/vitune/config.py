@@ -147,6 +147,12 @@ class DataConfig(Section):
     normalize: NormalizeSettings = Field(default_factory=NormalizeSettings)
     on_error: Literal["raise", "skip"] = "raise"
     num_proc: Optional[int] = Field(None, gt=0)
+    streaming: bool = Field(
+        False,
+        description="train.stage pt only: read, tokenise and pack the corpus on the fly with bounded memory, each "
+        "process reading its own share (local .jsonl / .txt files, in order); needs train.max_steps. Held-out "
+        "text comes from data.eval (read whole).",
+    )
     cache: bool = Field(True, description="Reuse prepared data when files, tokenizer, template and settings are unchanged.")
     cache_dir: Optional[str] = Field(None, description="Where prepared data is cached (default ~/.cache/vitune, or $VITUNE_CACHE_DIR).")
 
@@ -160,13 +166,14 @@ class DataConfig(Section):
 # ---------------------------------------------------------------- train
 
 
-Stage = Literal["sft", "rm", "dpo", "rl"]
+Stage = Literal["sft", "pt", "rm", "dpo", "rl"]
 
 
 class TrainConfig(Section):
     stage: Stage = Field(
         "sft",
-        description="sft: supervised fine-tuning on instructions or conversations; rm: a reward model on "
+        description="sft: supervised fine-tuning on instructions or conversations; pt: continued pretraining "
+        "on raw text (text rows, .txt files); rm: a reward model on "
         "preference pairs; dpo: preference optimisation (the dpo section picks the loss); rl: reinforcement "
         "learning from rewards (the rl section).",
     )
@@ -299,6 +306,13 @@ class RunConfig(Section):
                              "rl: {rewards: [{function: examples.rewards:vietnamese}]}")
         if stage != "rl" and self.rl is not None:
             raise ValueError(f"the rl section is only used with train.stage: rl (this run is stage {stage})")
+        if self.data.streaming:
+            if stage != "pt":
+                raise ValueError(f"data.streaming is for continued pretraining (train.stage: pt), not stage {stage}")
+            if self.train.max_steps is None:
+                raise ValueError("data.streaming needs train.max_steps: a stream has no length to count epochs in")
+            if self.data.val_size:
+                raise ValueError("data.val_size cannot hold rows out of a stream; give held-out text as data.eval")
         return self
 
 

@@ -50,7 +50,7 @@ def cache_key(data: DataConfig, tokenizer, template, seed: int) -> str:
             add("hub", f"{spec.path}:{spec.split}")  # a Hub dataset: its name and split
     add("tokenizer", hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest())
     add("special", json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True))
-    add("template", f"{template.name}:{template.jinja() or ''}")
+    add("template", f"{template.name}:{template.jinja() or ''}" if template else "none")
     return h.hexdigest()[:24]
 
 

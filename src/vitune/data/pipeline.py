@@ -35,6 +35,7 @@ class DataReport:
     rows_normalized: int = 0  # rows whose text normalisation (Unicode form or tone marks) changed
     system_prompts_folded: int = 0  # data.system_prompt: fold
     system_prompts_dropped: int = 0  # data.system_prompt: drop
+    rows_split: int = 0  # pretraining documents longer than max_length, split into chunks (none dropped)
     rejections: list[Rejection] = field(default_factory=list)
     total_tokens: int = 0
     trained_tokens: int = 0
@@ -67,6 +68,7 @@ class DataReport:
             "rows_normalized": self.rows_normalized,
             "system_prompts_folded": self.system_prompts_folded,
             "system_prompts_dropped": self.system_prompts_dropped,
+            "rows_split": self.rows_split,
             "total_tokens": self.total_tokens,
             "trained_tokens": self.trained_tokens,
             "trained_token_fraction": round(self.trained_token_fraction, 4),

@@ -1,4 +1,12 @@
-"""Reading rows from files, folders, globs and Hub datasets, each row labelled with where it came from."""
+"""Reading rows from files, folders, globs and Hub datasets, each row labelled with where it came from.
+
+Plain-text files (`.txt`, for continued pretraining) are documents separated by blank lines: each
+run of non-blank lines is one document, read as a row {"text": ...} (its lines joined with
+newlines). A file without blank lines is one document (split into chunks later if it is long).
+`.jsonl` and `.txt` files can also be read from a byte range (`start`, `end`): a row belongs to
+the range holding its first byte, so ranges that tile a file read every row exactly once -- how
+streaming gives each process its own share without reading the others'.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,8 @@ from typing import Iterator, Optional
 
 from vitune.errors import DataError
 
-LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
+RANGE_SUFFIXES = (".jsonl", ".txt")  # files read from a byte range (data.streaming shards)
 
 
 @dataclass
@@ -18,6 +27,8 @@ class RawRow:
     source: str  # "data/x.jsonl:12" or "data/x.parquet row 12"
     row: Optional[dict]  # None when the row itself could not be read
     problem: Optional[tuple[str, str]] = None  # (reason, detail) for an unreadable row
+    offset: Optional[int] = None  # byte offset of the row in its file (.jsonl, .txt)
+    end: Optional[int] = None  # byte offset just after the row (.jsonl, .txt)
 
 
 def resolve_files(path: str) -> list[Path]:
@@ -53,33 +64,123 @@ def read_rows(path: str, split: str = "train") -> Iterator[RawRow]:
     for file in files:
         if file.suffix == ".jsonl":
             yield from _read_jsonl(file)
+        elif file.suffix == ".txt":
+            yield from _read_txt(file)
         elif file.suffix == ".json":
             yield from _read_json(file)
         else:
             yield from _read_with_datasets(file)
 
 
-def _read_jsonl(file: Path) -> Iterator[RawRow]:
+def read_range(file: Path, start: int = 0, end: Optional[int] = None) -> Iterator[RawRow]:
+    """The rows of a .jsonl or .txt file whose first byte lies in [start, end)."""
+    return _read_jsonl(file, start, end) if file.suffix == ".jsonl" else _read_txt(file, start, end)
+
+
+def _lines(fh, start: int, end: Optional[int]) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for every line of an open binary file that starts in [start, end)."""
+    if start > 0:
+        fh.seek(start - 1)
+        fh.readline()  # the rest of the line holding byte start-1 belongs to the range before
+    else:
+        fh.seek(0)
+    while True:
+        offset = fh.tell()
+        if end is not None and offset >= end:
+            return
+        line = fh.readline()
+        if not line:
+            return
+        yield offset, line
+
+
+def _read_jsonl(file: Path, start: int = 0, end: Optional[int] = None) -> Iterator[RawRow]:
     with open(file, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            source = f"{file}:{number}"
+        for number, (offset, raw) in enumerate(_lines(fh, start, end), start=1):
+            # line numbers are known when reading from the start; a range names byte offsets
+            source = f"{file}:{number}" if start == 0 else f"{file} byte {offset}"
             try:
                 # utf-8-sig: a byte order mark (Notepad writes one) starts the file, not the row
-                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRow(source, None, ("undecodable bytes", f"not UTF-8 at byte {exc.start} of the line; save the file as UTF-8"))
+                yield RawRow(source, None, ("undecodable bytes", f"not UTF-8 at byte {offset + exc.start} of the file; "
+                                            "save the file as UTF-8"), offset, offset + len(raw))
                 continue
             if not text.strip():
                 continue
+            span = (offset, offset + len(raw))
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as exc:
-                yield RawRow(source, None, ("invalid JSON", f"invalid JSON ({exc.msg} at column {exc.colno})"))
+                yield RawRow(source, None, ("invalid JSON", f"invalid JSON ({exc.msg} at column {exc.colno})"), *span)
                 continue
             if not isinstance(row, dict):
-                yield RawRow(source, None, ("wrong type", f"a row must be a JSON object, got {type(row).__name__}"))
+                yield RawRow(source, None, ("wrong type", f"a row must be a JSON object, got {type(row).__name__}"), *span)
                 continue
-            yield RawRow(source, row)
+            yield RawRow(source, row, None, *span)
+
+
+def _blank_line_before(fh, offset: int) -> bool:
+    """Whether the line that ends just before `offset` (a line start) is blank, or there is none."""
+    if offset == 0:
+        return True
+    back = offset - 1  # the newline ending the previous line
+    while back > 0:
+        step = min(back, 4096)
+        fh.seek(back - step)
+        chunk = fh.read(step)
+        at = chunk.rfind(b"\n")
+        if at >= 0:
+            back = back - step + at + 1
+            break
+        back -= step
+    fh.seek(back)
+    return not fh.read(offset - back).strip()
+
+
+def _read_txt(file: Path, start: int = 0, end: Optional[int] = None) -> Iterator[RawRow]:
+    """Documents separated by blank lines; a document belongs to the range holding its first byte."""
+    with open(file, "rb") as fh:
+        lines = _lines(fh, start, None)  # the last document of the range may run past `end`
+        first = True
+        number = 0
+        doc: list[str] = []
+        doc_start = doc_end = 0
+        skipping = False  # inside a document that began before `start`
+        for offset, raw in lines:
+            number += 1
+            if first:
+                first = False
+                here = fh.tell()
+                skipping = not _blank_line_before(fh, offset)
+                fh.seek(here)
+            try:
+                text = raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{file}: not UTF-8 at byte {offset + exc.start}; save the file as UTF-8") from None
+            if not text.strip():
+                if doc:
+                    yield _document(file, start, doc_line, doc, doc_start, doc_end)
+                    doc = []
+                skipping = False
+                if end is not None and offset >= end:
+                    return
+                continue
+            if skipping:
+                continue
+            if not doc:
+                if end is not None and offset >= end:
+                    return
+                doc_start, doc_line = offset, number
+            doc.append(text.rstrip("\r\n"))
+            doc_end = offset + len(raw)
+        if doc:
+            yield _document(file, start, doc_line, doc, doc_start, doc_end)
+
+
+def _document(file: Path, start: int, line: int, lines: list[str], offset: int, end: int) -> RawRow:
+    source = f"{file}:{line}" if start == 0 else f"{file} byte {offset}"
+    return RawRow(source, {"text": "\n".join(lines)}, None, offset, end)
 
 
 def _read_json(file: Path) -> Iterator[RawRow]:

@@ -242,8 +242,9 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
     stage.check(config)  # what the stage needs of the rest of the config (its sections, model.adapter, ...)
     # The tokenizer and template come first: the data is rendered and tokenised with them.
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
-    template = resolve_template(config.model.template, tokenizer)
-    for notice in template.notices:
+    # pt renders no conversations: no template (the tokenizer's own chat template is kept as it is)
+    template = resolve_template(config.model.template, tokenizer) if stage.uses_template else None
+    for notice in template.notices if template else ():
         console.print(f"[yellow]notice[/] template: {notice}", highlight=False)
     model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
     check_max_length(config, model_config)
@@ -251,12 +252,7 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
         train_rows, eval_rows, report = stage.prepare_data(config, tokenizer, template)
     if report.from_cache:
         console.print(f"data: reusing prepared data from the cache ({escape(str(report.cached_at))})")
-    console.print(
-        f"data: {report.rows_read} rows read, {report.rows_kept} kept, {report.rows_rejected} rejected"
-        + (f" {report.rejected_by_reason}" if report.rows_rejected else "")
-        + f", {report.rows_truncated} truncated; {stage.describe_rows(train_rows, eval_rows)}"
-        + f"{report.total_tokens:,} tokens, {report.trained_token_fraction:.0%} trained; template {template.name}"
-    )
+    console.print(stage.data_line(report, train_rows, eval_rows, template))
     for advice in advise(config, model_config):
         console.print(f"[yellow]advice[/] {advice.key}: {advice.text}")
     optimizer, notice = resolve_optimizer(config.train.optimizer, bool(config.train.fsdp))
@@ -330,7 +326,8 @@ def _run(config: RunConfig, console: Console | None = None) -> TrainResult:
         return TrainResult(out, summary, report, trainer.model)
 
     # The template used in training travels with the tokenizer, so chat renders the same.
-    tokenizer.chat_template = template.jinja()
+    if template is not None:
+        tokenizer.chat_template = template.jinja()
     with final_save(out, SUMMARY):  # a full or failing disk: one line; no summary.json, checkpoints kept
         save_final_model(trainer, out, full_weights)  # an ordinary model folder, also after sharded training
         tokenizer.save_pretrained(str(out), save_jinja_files=False)
@@ -339,7 +336,7 @@ def _run(config: RunConfig, console: Console | None = None) -> TrainResult:
         (out / "chat_template.jinja").unlink(missing_ok=True)
         stage.save_extras(trainer, out, config)
         summary["stage"] = config.train.stage
-        summary["template"] = template.name
+        summary["template"] = template.name if template else None
         (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return TrainResult(out, summary, report, trainer.model)
 
@@ -405,8 +402,9 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         "first_loss": metrics.losses[0][1] if metrics.losses else None,
         "final_loss": metrics.losses[-1][1] if metrics.losses else None,
         # held-out loss on data.eval / data.val_size rows, before training and at the end
-        "eval_loss_start": metrics.evals[0][1] if metrics.evals and metrics.evals[0][0] == 0 else None,
-        "eval_loss_end": metrics.evals[-1][1] if metrics.evals else None,
+        "eval_loss_start": metrics.evals[0][1] if stage.held_out_loss and metrics.evals and metrics.evals[0][0] == 0
+        else None,
+        "eval_loss_end": metrics.evals[-1][1] if stage.held_out_loss and metrics.evals else None,
         # bins filled (packing) or token slots used (padding): real tokens / slots either way
         "packing_efficiency": round(batches.fill if batches.fill is not None else 1 - run["padding_fraction"], 4),
         "padding_fraction": run["padding_fraction"],

@@ -34,6 +34,11 @@ class Stage:
     progress_fields: tuple[tuple[str, str], ...] = ()
     # True: a packed batch runs the model on one padding-free row (vitune's row-wise attention wraps it)
     packed_forward = True
+    # False where the loss says nothing about held-out rows (rl: GRPO's loss is ~0 on-policy); the
+    # summary then has no eval_loss_start / _end and the stage's held-out metrics speak instead
+    held_out_loss = True
+    # False for stages that render no conversations (pt): no chat template is resolved or written
+    uses_template = True
 
     def check(self, config: RunConfig) -> None:
         """Rules across the config that only this stage has (raise ConfigError)."""
@@ -49,6 +54,16 @@ class Stage:
     def describe_rows(self, train_rows, eval_rows) -> str:
         """What the data line says about the rows beyond the counts (e.g. '170 pairs, ')."""
         return ""
+
+    def data_line(self, report, train_rows, eval_rows, template) -> str:
+        """The line printed after the data is prepared: exact counts, then the stage's words."""
+        return (
+            f"data: {report.rows_read} rows read, {report.rows_kept} kept, {report.rows_rejected} rejected"
+            + (f" {report.rejected_by_reason}" if report.rows_rejected else "")
+            + f", {report.rows_truncated} truncated; {self.describe_rows(train_rows, eval_rows)}"
+            + f"{report.total_tokens:,} tokens, {report.trained_token_fraction:.0%} trained"
+            + (f"; template {template.name}" if template else "")
+        )
 
     def load_model(self, config: RunConfig, tokenizer):
         from vitune.models.loading import load_model
@@ -84,6 +99,10 @@ def stage_for(config: RunConfig) -> Stage:
         from vitune.train.sft import SftStage
 
         return SftStage()
+    if name == "pt":
+        from vitune.train.pretrain import PretrainStage
+
+        return PretrainStage()
     if name == "dpo":
         from vitune.train.preference import PreferenceStage
 

@@ -1,0 +1,171 @@
+"""Stage pt: continued pretraining of a causal LM on raw text (Vietnamese corpora, mostly).
+
+Its own part is the data (vitune.data.pretrain): documents ending with an end-of-document
+token, every token trained, documents longer than data.max_length split into chunks rather
+than dropped. The batches (packing with attention kept within each document, or padding), the
+loss (the mean over every trained token of the optimizer step) and the trainer are SFT's; the
+rest is the shared runner's.
+
+With data.streaming (vitune.data.stream) the corpus is read, tokenised and packed on the fly,
+each process from its own share; `StreamTrainer` keeps the stream position of the last bin it
+trained on, saves it in every checkpoint and gathers every process's counts at the end, where
+they go into data_report.json ("stream").
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vitune.config import RunConfig
+from vitune.train.sft import SftStage
+from vitune.train.stages import Batches
+from vitune.train.trainer import VituneTrainer
+
+
+class PretrainStage(SftStage):
+    name = "pt"
+    uses_template = False  # raw text: the model's own chat template (if any) stays as it is
+
+    def prepare_data(self, config: RunConfig, tokenizer, template):
+        from vitune.data.pretrain import prepare_pretrain_data
+
+        if config.data.streaming:
+            return self._stream(config, tokenizer)
+        train, evaluation, self.report = prepare_pretrain_data(config.data, tokenizer, config.train.seed)
+        return train, evaluation, self.report
+
+    def _stream(self, config: RunConfig, tokenizer):
+        """This process's stream (from the checkpoint's position on a resume) and the held-out text, read whole."""
+        from vitune.data.pipeline import DataReport, raise_for_bad_rows
+        from vitune.data.pretrain import read_texts, tokenize_texts
+        from vitune.data.stream import TextStream, read_position
+        from vitune.train.checkpoint import find_resume_checkpoint
+        from vitune.train.sharding import process_state
+
+        state = process_state()
+        resume = find_resume_checkpoint(Path(config.train.output_dir), config.train.resume, config.model.allow_pickle)
+        stream = TextStream(config.data, tokenizer, state.process_index, state.num_processes,
+                            read_position(resume, state.process_index))
+        report = DataReport()
+        held_out = [t for spec in config.data.eval or [] for t in read_texts(spec, config.data, report)]
+        raise_for_bad_rows(report, config.data.on_error)
+        evaluation = tokenize_texts(held_out, tokenizer, config.data.max_length, report, count_tokens=False)
+        report.rows_kept = report.rows_read - report.rows_rejected
+        self.report = report
+        return stream, evaluation, report
+
+    def describe_rows(self, train_rows, eval_rows) -> str:
+        held = f" + {len(eval_rows):,} held out" if eval_rows else ""
+        return (f"{self.report.rows_split:,} documents split; {len(train_rows):,} chunks of at most data.max_length "
+                f"tokens{held}, ")
+
+    def data_line(self, report, train_rows, eval_rows, template) -> str:
+        if not hasattr(train_rows, "files"):
+            return super().data_line(report, train_rows, eval_rows, template)
+        files = train_rows.files
+        size = sum(f.stat().st_size for f, _ in files)
+        held = f"; {report.rows_kept} held-out documents ({len(eval_rows)} chunks)" if eval_rows else ""
+        share = f", this process reads 1/{train_rows.world} of each" if train_rows.world > 1 else ""
+        return (f"data: streaming {len(files)} file(s), {size / 1e6:,.1f} MB, in bins of {train_rows.max_length} "
+                f"tokens{share}{held}")
+
+    def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
+        if not config.data.streaming:
+            return super().batches(config, plan, train_rows, eval_rows, pad_token_id, console)
+        from vitune.data.packing import pack_rows
+        from vitune.train.collate import PackedCollator, PadCollator
+        from vitune.train.runner import items
+
+        if plan.packing:
+            return Batches(train_rows, items(pack_rows(eval_rows, config.data.max_length)),
+                           StreamCollator(PackedCollator()), 1.0)
+        return Batches(train_rows, items(eval_rows), StreamCollator(PadCollator(pad_token_id), unpack=True))
+
+    def training_arguments(self, config: RunConfig, output_dir: Path, has_eval: bool, plan, resuming: bool = False):
+        from vitune.train.runner import training_arguments
+
+        # a resumed stream seeks to its saved position: Trainer must not replay batches to skip them
+        extra = {"ignore_data_skip": True} if config.data.streaming else {}
+        return training_arguments(config, output_dir, has_eval, plan, resuming=resuming, **extra)
+
+    def make_trainer(self, config: RunConfig, template=None, **kwargs):
+        return StreamTrainer(**kwargs) if config.data.streaming else VituneTrainer(**kwargs)
+
+    def save_extras(self, trainer, out: Path, config: RunConfig) -> None:
+        positions = getattr(trainer, "stream_positions", None)
+        if not positions:
+            return
+        path = out / "data_report.json"
+        report = json.loads(path.read_text(encoding="utf-8"))
+        keys = ("documents", "tokens", "split", "rejected")
+        report["stream"] = {
+            "processes": len(positions),
+            **{k: sum(p[k] for p in positions) for k in keys},
+            "epochs_started": max(p["epoch"] for p in positions) + 1,
+            "per_process": positions,
+        }
+        path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+class StreamCollator:
+    """The collator of streamed bins: the inner collator's batch plus the stream position after
+    its last bin (which the trainer takes out before the forward). `unpack`: every piece of a bin
+    becomes a padded row of its own (architectures that cannot take row boundaries)."""
+
+    def __init__(self, inner, unpack: bool = False):
+        self.inner = inner
+        self.unpack = unpack
+
+    def __call__(self, bins: list[dict]) -> dict:
+        rows = bins
+        if self.unpack:
+            rows = []
+            for b in bins:
+                start = 0
+                for n in b["seq_lengths"]:
+                    rows.append({"input_ids": b["input_ids"][start:start + n], "labels": b["labels"][start:start + n]})
+                    start += n
+        batch = self.inner(rows)
+        if "stream_position" in bins[-1]:
+            batch["stream_position"] = bins[-1]["stream_position"]
+        return batch
+
+
+class StreamTrainer(VituneTrainer):
+    """VituneTrainer over a TextStream: each process iterates its own share (no accelerate
+    dispatching or re-sharding, which would have one process read everything), the position of
+    the last trained bin is saved in every checkpoint, and the counts are gathered at the end."""
+
+    stream_position: dict | None = None
+    stream_positions: list | None = None
+
+    def get_train_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        # not accelerator.prepare(): its IterableDataset handling would dispatch from, or read
+        # everything on, every process; _prepare_inputs moves each batch to the device
+        return DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
+                          collate_fn=self.data_collator, num_workers=0)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        position = inputs.pop("stream_position", None)
+        if position is not None:
+            self.stream_position = position
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        from vitune.data.stream import POSITION_FILE
+
+        super()._save_rng_state(output_dir)
+        if self.stream_position is not None:
+            path = Path(output_dir) / POSITION_FILE.format(rank=self.args.process_index)
+            path.write_text(json.dumps(self.stream_position), encoding="utf-8")
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        from accelerate.utils import gather_object
+
+        result = super().train(resume_from_checkpoint, **kwargs)
+        position = self.stream_position or self.train_dataset.start.to_json()
+        self.stream_positions = gather_object([position]) if self.accelerator.num_processes > 1 else [position]
+        return result
