@@ -363,3 +363,70 @@ def test_streaming_memory_stays_bounded_on_a_corpus_much_larger_than_the_bound(t
     measured = json.loads(result.stdout)
     assert measured["bins"] > 10_000  # the whole corpus went through
     assert measured["growth_kib"] < 8 * 1024  # bound: 8 MiB of growth for a corpus of more than 40 MiB
+
+
+def test_held_out_bits_per_character_is_the_summed_nll_over_the_characters(tiny_llama, tmp_path, tok):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    held_out = ["Hà Nội là thủ đô của Việt Nam.", "Sông Hồng bồi đắp phù sa cho đồng bằng Bắc Bộ."]
+    out = tmp_path / "bpc"
+    config = pt_config(tmp_path, tiny_llama, out, {"train": [{"path": str(CORPUS), "max_samples": 4}],
+                                                  "eval": [{"path": str(texts_file(tmp_path / "h.jsonl", held_out))}]},
+                       method="full", max_steps=3, warmup_ratio=0.0, learning_rate=1e-3)
+    assert main(["train", str(config)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # by hand: every token of each document, after the end-of-text token that precedes it in training
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    end = document_end_id(tok)
+    nats = 0.0
+    for text in held_out:
+        ids = torch.tensor([[end] + tok(text)["input_ids"] + [end]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        nats += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+    expected = nats / math.log(2) / sum(len(t) for t in held_out)
+    assert summary["eval_bits_per_char_start"] == pytest.approx(expected, rel=1e-5)
+    assert summary["eval_bits_per_char_end"] < summary["eval_bits_per_char_start"]
+
+
+def test_train_tokens_new_trains_only_the_rows_vocab_extend_added(tiny_llama, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    extended = tmp_path / "extended"
+    assert main(["vocab", "extend", str(tiny_llama), "--corpus", str(CORPUS), "--new-tokens", "64",
+                 "--out", str(extended)]) == 0
+    new_ids = json.loads((extended / "vocab_report.json").read_text())["new_token_ids"]
+    assert len(new_ids) == 64 and new_ids == list(range(new_ids[0], new_ids[0] + 64))
+    out = tmp_path / "pt"
+    config = pt_config(tmp_path, extended, out, {"train": [{"path": str(CORPUS), "max_samples": 8}]},
+                       learning_rate=1e-2, warmup_ratio=0.0)
+    assert main(["train", str(config), "--set", "method.lora.train_tokens=new"]) == 0
+    saved = load_file(out / "adapter_model.safetensors")
+    deltas = [k for k in saved if "trainable_tokens" in k]
+    assert deltas and all(saved[k].shape[0] == 64 for k in deltas)  # the new rows only, saved small
+    base = AutoModelForCausalLM.from_pretrained(extended)
+    before = base.get_input_embeddings().weight.detach().clone()
+    trained = PeftModel.from_pretrained(base, out).merge_and_unload()
+    after = trained.get_input_embeddings().weight.detach()
+    changed = (after != before).any(dim=1).nonzero().squeeze(1).tolist()
+    assert changed and set(changed) <= set(new_ids)
+
+
+def test_train_tokens_new_without_a_vocab_report_is_one_line(tiny_llama, tmp_path, capsys):
+    config = pt_config(tmp_path, tiny_llama, tmp_path / "out", {"train": [{"path": str(CORPUS), "max_samples": 2}]})
+    assert main(["train", str(config), "--set", "method.lora.train_tokens=new"]) == 2
+    assert error_of(capsys) == (f"error: method.lora.train_tokens: new needs a model made by `vitune vocab extend`; "
+                                f"{tiny_llama} has no vocab_report.json (give a list of token ids instead)")
+
+
+def test_data_inspect_shows_pt_documents_with_their_end_of_text_token(tiny_llama, tmp_path, capsys):
+    path = texts_file(tmp_path / "c.jsonl", ["Xin chào Hà Nội", "Phở bò"])
+    config = pt_config(tmp_path, tiny_llama, tmp_path / "out", {"train": [{"path": str(path)}]})
+    assert main(["data", "inspect", str(config)]) == 0
+    shown = capsys.readouterr().out
+    assert "Xin chào Hà Nội<|end_of_text|>" in shown and "Phở bò<|end_of_text|>" in shown
+    assert "2 / 2 / 0" in shown  # rows read / kept / rejected

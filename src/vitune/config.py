@@ -85,6 +85,12 @@ class LoraSettings(Section):
     modules_to_save: Optional[list[str]] = Field(
         None, description="Modules trained in full beside the adapter, e.g. [embed_tokens, lm_head]."
     )
+    train_tokens: Optional[Union[Literal["new"], list[int]]] = Field(
+        None,
+        description="Embedding rows trained beside the adapter, saved small (PEFT trainable tokens): `new` = "
+        "the rows `vitune vocab extend` added (from the model folder's vocab_report.json), or a list of token "
+        "ids. With tied embeddings the output rows train with them.",
+    )
 
 
 class QuantizationSettings(Section):

@@ -66,6 +66,9 @@ def train(
     if s.get("eval_loss_end") is not None:
         before = f"{s['eval_loss_start']:.4f} -> " if s.get("eval_loss_start") is not None else ""
         console.print(f"held-out loss {before}{s['eval_loss_end']:.4f}")
+    if s.get("eval_bits_per_char_end") is not None:
+        before = f"{s['eval_bits_per_char_start']:.4f} -> " if s.get("eval_bits_per_char_start") is not None else ""
+        console.print(f"held-out bits per character {before}{s['eval_bits_per_char_end']:.4f}")
     if s.get("eval_rewards_accuracy_end") is not None:
         before = f"{s['eval_rewards_accuracy_start']:.1%} -> " if s.get("eval_rewards_accuracy_start") is not None else ""
         console.print(f"held-out pairs: chosen preferred in {before}{s['eval_rewards_accuracy_end']:.1%}, mean margin "

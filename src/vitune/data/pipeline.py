@@ -36,6 +36,7 @@ class DataReport:
     system_prompts_folded: int = 0  # data.system_prompt: fold
     system_prompts_dropped: int = 0  # data.system_prompt: drop
     rows_split: int = 0  # pretraining documents longer than max_length, split into chunks (none dropped)
+    eval_characters: int = 0  # characters of the held-out pretraining text (for bits per character)
     rejections: list[Rejection] = field(default_factory=list)
     total_tokens: int = 0
     trained_tokens: int = 0

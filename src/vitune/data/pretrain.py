@@ -94,12 +94,20 @@ def chunks(ids: list[int], max_length: int) -> Iterator[list[int]]:
 
 
 def tokenize_texts(texts: Iterable[Text], tokenizer, max_length: int, report, count_tokens: bool = True,
-                   batch: int = 256) -> list[TokenizedRow]:
-    """Documents -> rows of at most max_length tokens, every token trained (labels = ids)."""
+                   batch: int = 256, scored: bool = False) -> list[TokenizedRow]:
+    """Documents -> rows of at most max_length tokens, every token trained (labels = ids).
+
+    `scored` (held-out text): a document that does not start with a BOS gets the end-of-document
+    token before it, as the previous document's end precedes it in training, so its first token
+    is predicted too and the held-out loss covers every character (bits per character)."""
     texts = list(texts)
     rows: list[TokenizedRow] = []
+    context = [document_end_id(tokenizer)] if scored else []
+    bos = tokenizer.bos_token_id
     for at in range(0, len(texts), batch):
         for ids in document_ids(tokenizer, [t.text for t in texts[at:at + batch]]):
+            if context and ids[0] != bos:
+                ids = context + ids
             if len(ids) > max_length and count_tokens:
                 report.rows_split += 1
             for piece in chunks(ids, max_length):
@@ -118,7 +126,8 @@ def prepare_pretrain_data(data: DataConfig, tokenizer, seed: int):
     train_texts, eval_texts = load_records(data, seed, report, lambda spec: read_texts(spec, data, report),
                                            what="text")
     train = tokenize_texts(train_texts, tokenizer, data.max_length, report)
-    evaluation = tokenize_texts(eval_texts, tokenizer, data.max_length, report, count_tokens=False)
+    evaluation = tokenize_texts(eval_texts, tokenizer, data.max_length, report, count_tokens=False, scored=True)
     raise_for_bad_rows(report, data.on_error)
     report.rows_kept = report.rows_read - report.rows_rejected
+    report.eval_characters = sum(len(t.text) for t in eval_texts)
     return train, evaluation, report

@@ -245,6 +245,30 @@ def model_source_name(name: str) -> str:
     return name
 
 
+def train_token_ids(setting, model) -> list[int] | None:
+    """method.lora.train_tokens -> token ids: `new` reads the rows `vitune vocab extend` added
+    from the model folder's vocab_report.json."""
+    if setting is None:
+        return None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if setting == "new":
+        folder = Path(getattr(model, "name_or_path", "") or ".")
+        report = folder / "vocab_report.json"
+        if not report.is_file():
+            raise UserError(f"method.lora.train_tokens: new needs a model made by `vitune vocab extend`; {folder} has "
+                            "no vocab_report.json (give a list of token ids instead)")
+        ids = json.loads(report.read_text(encoding="utf-8")).get("new_token_ids") or []
+        if not ids:
+            raise UserError(f"method.lora.train_tokens: new: {report} lists no new token ids; extend the vocabulary "
+                            "again with this vitune, or give a list of token ids")
+    else:
+        ids = list(setting)
+    bad = [i for i in ids if not 0 <= i < rows]
+    if bad:
+        raise UserError(f"method.lora.train_tokens: token id {bad[0]} is outside the model's {rows} embedding rows")
+    return ids
+
+
 def adapt_model(model, method: MethodConfig, gradient_checkpointing: bool, task_type: str = "CAUSAL_LM",
                 adapter: str | None = None, allow_pickle: bool = False):
     """full: train every weight; lora/qlora: wrap in a PEFT LoRA adapter -- a new one, or the
@@ -267,6 +291,7 @@ def adapt_model(model, method: MethodConfig, gradient_checkpointing: bool, task_
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         modules_to_save=lora.modules_to_save,
+        trainable_token_indices=train_token_ids(lora.train_tokens, model),
         task_type=task_type,
     )
     try:

@@ -15,6 +15,7 @@ they go into data_report.json ("stream").
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from vitune.config import RunConfig
@@ -26,6 +27,8 @@ from vitune.train.trainer import VituneTrainer
 class PretrainStage(SftStage):
     name = "pt"
     uses_template = False  # raw text: the model's own chat template (if any) stays as it is
+    # held-out bits per character: comparable across tokenizers (before / after vocabulary extension)
+    metric_keys = ("bits_per_char",)
 
     def prepare_data(self, config: RunConfig, tokenizer, template):
         from vitune.data.pretrain import prepare_pretrain_data
@@ -50,8 +53,10 @@ class PretrainStage(SftStage):
         report = DataReport()
         held_out = [t for spec in config.data.eval or [] for t in read_texts(spec, config.data, report)]
         raise_for_bad_rows(report, config.data.on_error)
-        evaluation = tokenize_texts(held_out, tokenizer, config.data.max_length, report, count_tokens=False)
+        evaluation = tokenize_texts(held_out, tokenizer, config.data.max_length, report, count_tokens=False,
+                                    scored=True)
         report.rows_kept = report.rows_read - report.rows_rejected
+        report.eval_characters = sum(len(t.text) for t in held_out)
         self.report = report
         return stream, evaluation, report
 
@@ -90,7 +95,8 @@ class PretrainStage(SftStage):
         return training_arguments(config, output_dir, has_eval, plan, resuming=resuming, **extra)
 
     def make_trainer(self, config: RunConfig, template=None, **kwargs):
-        return StreamTrainer(**kwargs) if config.data.streaming else VituneTrainer(**kwargs)
+        trainer_class = StreamTrainer if config.data.streaming else PretrainTrainer
+        return trainer_class(eval_characters=self.report.eval_characters, **kwargs)
 
     def save_extras(self, trainer, out: Path, config: RunConfig) -> None:
         positions = getattr(trainer, "stream_positions", None)
@@ -132,7 +138,44 @@ class StreamCollator:
         return batch
 
 
-class StreamTrainer(VituneTrainer):
+class PretrainTrainer(VituneTrainer):
+    """VituneTrainer that also measures held-out bits per character: the summed negative
+    log-likelihood of the held-out tokens, in bits, over the characters of the held-out text.
+    Unlike the loss per token it does not depend on the tokenizer, so a model with an extended
+    vocabulary (fewer, longer tokens) compares with its original. A held-out document longer than
+    data.max_length is scored in windows of max_length whose first token is not predicted (raise
+    data.max_length above the longest held-out document to score every character)."""
+
+    def __init__(self, *args, eval_characters: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_characters = eval_characters
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training or not self.eval_characters:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        predicted = predicted_tokens(inputs)
+        # the loss is the mean over the micro-batch's predicted tokens: times their count = its sum
+        self.record_metric("bits_per_char", float(loss.detach()) * predicted / math.log(2), 0)
+        return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, *args, **kwargs):
+        if self.eval_characters and self.accelerator.is_main_process:
+            # the denominator, once per evaluation: the numerators of every process add up to the held-out text
+            self._stage_metrics["eval"].setdefault("bits_per_char", []).append((0.0, self.eval_characters))
+        return super().evaluate(*args, **kwargs)
+
+
+def predicted_tokens(inputs: dict) -> int:
+    """How many tokens of a batch the loss predicts (labels other than -100, after the shift)."""
+    from vitune.data.tokenize import IGNORE
+
+    if "shift_labels" in inputs:
+        return int((inputs["shift_labels"] != IGNORE).sum())
+    return int((inputs["labels"][..., 1:] != IGNORE).sum())
+
+
+class StreamTrainer(PretrainTrainer):
     """VituneTrainer over a TextStream: each process iterates its own share (no accelerate
     dispatching or re-sharding, which would have one process read everything), the position of
     the last trained bin is saved in every checkpoint, and the counts are gathered at the end."""
