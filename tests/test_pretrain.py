@@ -430,3 +430,26 @@ def test_data_inspect_shows_pt_documents_with_their_end_of_text_token(tiny_llama
     shown = capsys.readouterr().out
     assert "Xin chào Hà Nội<|end_of_text|>" in shown and "Phở bò<|end_of_text|>" in shown
     assert "2 / 2 / 0" in shown  # rows read / kept / rejected
+
+
+def test_streamed_bins_unpack_into_padded_rows_for_models_that_cannot_pack(tok, tmp_path):
+    from vitune.train.collate import PadCollator
+    from vitune.train.pretrain import StreamCollator
+
+    bins = list(islice(iter(TextStream(stream_data(numbered(tmp_path)), tok)), 2))
+    batch = StreamCollator(PadCollator(pad_token_id=0), unpack=True)(bins)
+    pieces = [n for b in bins for n in b["seq_lengths"]]
+    assert batch["input_ids"].shape == (len(pieces), max(pieces))
+    assert batch["attention_mask"].sum(dim=1).tolist() == pieces  # every piece its own row, no attention across
+    assert batch["input_ids"][0, :pieces[0]].tolist() == bins[0]["input_ids"][:pieces[0]]
+    assert batch["stream_position"] == bins[-1]["stream_position"]  # the position after the last bin
+
+
+def test_a_folder_of_txt_files_is_a_corpus_but_notes_beside_data_files_are_not_read(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "b.txt").write_text("Hai\n\nBa\n", encoding="utf-8")
+    (corpus / "a.txt").write_text("Một\n", encoding="utf-8")
+    assert [r.row["text"] for r in read_rows(str(corpus))] == ["Một", "Hai", "Ba"]
+    texts_file(corpus / "c.jsonl", ["Bốn"])
+    assert [r.row["text"] for r in read_rows(str(corpus))] == ["Bốn"]  # a.txt and b.txt are now notes

@@ -38,6 +38,9 @@ def resolve_files(path: str) -> list[Path]:
         return [p]
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.suffix in LOCAL_SUFFIXES and f.is_file())
+        # a folder of data files keeps its notes (README.txt) out; a folder of only .txt is a text corpus
+        if any(f.suffix != ".txt" for f in files):
+            files = [f for f in files if f.suffix != ".txt"]
         if not files:
             raise DataError(f"{path}: folder has no data files ({', '.join(LOCAL_SUFFIXES)})")
         return files

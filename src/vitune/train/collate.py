@@ -41,6 +41,17 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask, "use_cache": False}
 
 
+def rows_of_bins(bins: list[dict]) -> list[dict]:
+    """Packed bins {input_ids, labels, seq_lengths} -> their rows {input_ids, labels}, in order."""
+    rows = []
+    for b in bins:
+        start = 0
+        for n in b["seq_lengths"]:
+            rows.append({"input_ids": b["input_ids"][start:start + n], "labels": b["labels"][start:start + n]})
+            start += n
+    return rows
+
+
 class PackedCollator:
     """A micro-batch of bins {input_ids, labels, seq_lengths} -> one padding-free row.
 
@@ -62,13 +73,7 @@ class PackedCollator:
         self.trim_lm_head = trim_lm_head
 
     def __call__(self, bins: list[dict]) -> dict:
-        rows = []
-        for b in bins:
-            start = 0
-            for n in b["seq_lengths"]:
-                rows.append({"input_ids": b["input_ids"][start:start + n], "labels": b["labels"][start:start + n]})
-                start += n
-        batch = self.flatten(rows)
+        batch = self.flatten(rows_of_bins(bins))
         # No KV cache: besides being useless in training, one would turn off transformers'
         # detection of packed rows from the position ids (used by eager and flex_attention).
         batch["use_cache"] = False

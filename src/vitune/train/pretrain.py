@@ -124,15 +124,9 @@ class StreamCollator:
         self.unpack = unpack
 
     def __call__(self, bins: list[dict]) -> dict:
-        rows = bins
-        if self.unpack:
-            rows = []
-            for b in bins:
-                start = 0
-                for n in b["seq_lengths"]:
-                    rows.append({"input_ids": b["input_ids"][start:start + n], "labels": b["labels"][start:start + n]})
-                    start += n
-        batch = self.inner(rows)
+        from vitune.train.collate import rows_of_bins
+
+        batch = self.inner(rows_of_bins(bins) if self.unpack else bins)
         if "stream_position" in bins[-1]:
             batch["stream_position"] = bins[-1]["stream_position"]
         return batch
