@@ -453,3 +453,14 @@ def test_a_folder_of_txt_files_is_a_corpus_but_notes_beside_data_files_are_not_r
     assert [r.row["text"] for r in read_rows(str(corpus))] == ["Một", "Hai", "Ba"]
     texts_file(corpus / "c.jsonl", ["Bốn"])
     assert [r.row["text"] for r in read_rows(str(corpus))] == ["Bốn"]  # a.txt and b.txt are now notes
+
+
+def test_data_inspect_of_a_streaming_config_shows_the_first_bins(tiny_llama, tmp_path, capsys):
+    config = pt_config(tmp_path, tiny_llama, tmp_path / "out", {"train": [{"path": str(numbered(tmp_path))}],
+                                                              "max_length": 16, "streaming": True})
+    assert main(["data", "inspect", str(config), "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    # 626 tokens a pass, bins of 16: the preview reads 200 bins (into later epochs), every bin full
+    assert stats["streaming_preview_bins"] == 200 and stats["train_rows"] == 200
+    assert stats["length_percentiles"] == {"p50": 16, "p90": 16, "p99": 16, "min": 16, "max": 16}
+    assert stats["template"] is None  # pt renders no conversations

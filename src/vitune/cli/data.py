@@ -17,6 +17,9 @@ data_app = typer.Typer(help="Inspect and convert datasets.", no_args_is_help=Tru
 app.add_typer(data_app, name="data")
 
 
+STREAM_PREVIEW = 200  # bins of a stream that `data inspect` reads
+
+
 @data_app.command(
     help=(
         "Show rendered rows with trained tokens in green (token boundaries by shading) and the "
@@ -39,16 +42,28 @@ def inspect(
 
     cfg = load_config(config, set_ or [])
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    template = resolve_template(cfg.model.template, tokenizer)
     stage = stage_for(cfg)  # the data as the run's stage reads it: conversations, preference pairs, ...
+    template = resolve_template(cfg.model.template, tokenizer) if stage.uses_template else None
     rows, eval_rows, report = stage.prepare_data(cfg, tokenizer, template)
+    streamed = cfg.data.streaming
+    if streamed:  # a stream has no end to count to: show and measure its first bins
+        from itertools import islice
+
+        from vitune.data.tokenize import TokenizedRow
+
+        rows = [TokenizedRow(b["input_ids"], b["labels"]) for b in islice(iter(rows), STREAM_PREVIEW)]
     stats = statistics(report, rows, eval_rows)
-    stats["template"] = template.name
-    stats["template_notices"] = list(template.notices)
+    stats["template"] = template.name if template else None
+    stats["template_notices"] = list(template.notices) if template else []
+    if streamed:
+        stats["streaming_preview_bins"] = len(rows)
     if as_json:
         typer.echo(json.dumps(stats, ensure_ascii=False))
         return
     console = Console(highlight=False)
+    if streamed:
+        console.print(f"data.streaming: the first {len(rows)} bins of the stream (process 0's share), "
+                      "each document's pieces end to end; the stream's own counts come at the end of a run")
     for i, row in enumerate(rows[:n]):
         if isinstance(row, TokenizedPair):  # chosen and rejected, each as the model sees it
             for side, seq in (("chosen", row.chosen), ("rejected", row.rejected)):
@@ -62,7 +77,8 @@ def inspect(
         console.rule(f"row {i + 1} of {len(rows)}: {len(row.input_ids)} tokens, "
                      f"{sum(l != -100 for l in row.labels)} trained")
         console.print(render_row(tokenizer, row), soft_wrap=True)
-    table = Table(title=f"data of {escape(str(config))} (template {template.name})", show_header=False)
+    used = f" (template {template.name})" if template else ""
+    table = Table(title=f"data of {escape(str(config))}{used}", show_header=False)
     table.add_row("rows read / kept / rejected", f"{stats['rows_read']} / {stats['rows_kept']} / {stats['rows_rejected']}")
     for reason, count in stats["rejected_by_reason"].items():
         table.add_row(f"  rejected: {reason}", str(count))
@@ -73,7 +89,7 @@ def inspect(
     if p:
         table.add_row("sequence length p50 / p90 / p99 / max", f"{p['p50']} / {p['p90']} / {p['p99']} / {p['max']}")
     console.print(table)
-    for notice in template.notices:
+    for notice in stats["template_notices"]:
         console.print(f"[yellow]notice[/] template: {notice}")
     for line in stats["first_rejections"]:
         console.print(f"[red]rejected[/] {escape(line)}")
