@@ -148,6 +148,7 @@ def kill_9_run(proc: subprocess.Popen) -> None:
     assert not alive, alive
 
 
+@pytest.mark.slow  # ~43 s; CI keeps the other sharded runs (parameters and AdamW state halved, LoRA under FSDP)
 def test_kill_9_after_a_sharded_checkpoint_then_resume_gives_the_same_losses(sharded, tiny_llama, tmp_path):
     out = tmp_path / "killed"
     config = run_config(tmp_path, tiny_llama, out, fsdp=str(FSDP2), save_steps=SAVE_STEPS)
