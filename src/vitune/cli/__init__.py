@@ -37,6 +37,7 @@ from vitune.cli import chat as _chat  # noqa: E402,F401  (registers commands)
 from vitune.cli import data as _data  # noqa: E402,F401
 from vitune.cli import estimate as _estimate  # noqa: E402,F401
 from vitune.cli import init_model as _init_model  # noqa: E402,F401
+from vitune.cli import merge as _merge  # noqa: E402,F401
 from vitune.cli import score as _score  # noqa: E402,F401
 from vitune.cli import train as _train  # noqa: E402,F401
 from vitune.cli import vocab as _vocab  # noqa: E402,F401
