@@ -251,6 +251,14 @@ def run_run_folder(case, ws: Workspace) -> Outcome:
     return ws.cli(argv, stdin="Xin chào\n/reset\n\n/exit\n")
 
 
+def run_export_gguf(case, ws: Workspace) -> Outcome:
+    """`vitune export gguf` on a run folder with broken files (a LoRA run is merged first)."""
+    (kind, breaks, _options, _prompt), quant = case
+    folder = copy_model(ws.world.lora_run if kind == "lora" else ws.world.full_run, ws.root / "run")
+    break_files(folder, breaks)
+    return ws.cli(["export", "gguf", str(folder), "--out", str(ws.root / "out.gguf"), "--quant", quant])
+
+
 # ---------------------------------------------------------------- init-model
 
 def run_init_model(case, ws: Workspace) -> Outcome:
@@ -337,4 +345,6 @@ TARGETS = [
                   st.sampled_from(INIT_OUT_BAD + ["new", "a_file"])),
     ), run_init_model, 20),
     FuzzTarget("gguf-file", gguf_case(), run_gguf_file, 30),
+    FuzzTarget("export-gguf", st.tuples(run_folder_case(), st.sampled_from(["f16", "q8_0", "q4_0", "bf16", "q3", ""])),
+               run_export_gguf, 20),
 ]

@@ -22,6 +22,7 @@ exporting a 7B model needs the memory of its largest tensor, not of the model.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitune.errors import UserError
+from vitune.models.loading import damaged_files
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 # --quant -> the ggml type of the 2-D weights; 1-D weights (norms, biases) stay float32
 PLAIN_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -70,9 +74,9 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16", force: 
     out.parent.mkdir(parents=True, exist_ok=True)
     say = say or (lambda line: None)
     with tempfile.TemporaryDirectory(prefix=".vitune-export-", dir=out.parent) as work:
-        folder = model_folder(source, Path(work), say)
         partial = out.parent / f".{out.name}.partial-{os.getpid()}"
         try:
+            folder = model_folder(source, Path(work), say)
             if quant in K_QUANTS:
                 f16 = Path(work) / "f16.gguf"
                 report = write_gguf(folder, f16, "f16", name or source.name)
@@ -81,6 +85,14 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16", force: 
             else:
                 report = write_gguf(folder, partial, quant, name or source.name)
             os.replace(partial, out)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise  # a full disk: the CLI says so (exit 74)
+            raise damaged_files(str(source), "model", exc, "its config.json, tokenizer files or weights") from None
+        except Exception as exc:  # the folder is the user's: a damaged or hand-edited file, not a bug of ours
+            raise damaged_files(str(source), "model", exc, "its config.json, tokenizer files or weights") from None
         finally:
             partial.unlink(missing_ok=True)
     report.update(source=str(source), out=str(out), bytes=out.stat().st_size)
