@@ -3,6 +3,11 @@ disk filled up or failed while writing)."""
 
 from __future__ import annotations
 
+import errno
+
+# a full or failing disk: not the user's config or data, and not a bug (exit 74)
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
+
 
 class UserError(Exception):
     """A mistake in the user's config, data or paths.

@@ -7,7 +7,6 @@ resume from; anything else is a bug: exit 1.
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 
@@ -15,9 +14,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vitune.errors import DiskError, UserError
+from vitune.errors import DISK_ERRNOS, DiskError, UserError
 
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 app = typer.Typer(
     name="vitune",

@@ -22,17 +22,14 @@ exporting a 7B model needs the memory of its largest tensor, not of the model.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitune.errors import UserError
+from vitune.errors import DISK_ERRNOS, UserError
 from vitune.models.loading import damaged_files
-
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS)
 
 # --quant -> the ggml type of the 2-D weights; 1-D weights (norms, biases) stay float32
 PLAIN_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -123,6 +120,7 @@ def model_folder(source: Path, work: Path, say) -> Path:
 def write_gguf(folder: Path, out: Path, quant: str, name: str) -> dict:
     """The model folder `folder` as a GGUF file `out` with 2-D weights in `quant` (a PLAIN_QUANTS type)."""
     import gguf
+    import numpy as np
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -140,7 +138,8 @@ def write_gguf(folder: Path, out: Path, quant: str, name: str) -> dict:
     write_hparams(writer, config, family)
     vocab = write_tokenizer(writer, folder, family, config)
     for t in tensors:
-        writer.add_tensor_info(t.name, t.shape, _info_dtype(), t.nbytes, raw_dtype=t.ggml_type)
+        # any dtype but uint8: the shape is then read as elements, and raw_dtype names the ggml type
+        writer.add_tensor_info(t.name, t.shape, np.float32, t.nbytes, raw_dtype=t.ggml_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -364,12 +363,6 @@ def _file_type(quant: str) -> int:
             "q5_0": LlamaFileType.MOSTLY_Q5_0, "q5_1": LlamaFileType.MOSTLY_Q5_1}[quant]
 
 
-def _info_dtype():
-    import numpy as np
-
-    return np.float32  # any non-uint8 dtype: the shape given is in elements, raw_dtype says the type
-
-
 # ---------------------------------------------------------------- tokenizer
 
 def write_tokenizer(writer, folder: Path, family: GGUFFamily, config) -> dict:
@@ -415,19 +408,3 @@ def llama_cpp_quantize(source: Path, out: Path, quant: str) -> None:
     code = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
     if code != 0:
         raise UserError(f"llama.cpp could not quantise the model to {quant} (code {code}); try q8_0 or q4_0")
-
-
-def check_exported(path: Path) -> dict:
-    """The metadata of an exported file that says how it will run: architecture, tokenizer, ids."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-    fields = {}
-    for key in ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id",
-                "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.padding_token_id",
-                "tokenizer.chat_template"):
-        field = reader.fields.get(key)
-        if field is not None:
-            fields[key] = field.contents()
-    fields["tensor_types"] = sorted({t.tensor_type.name for t in reader.tensors})
-    return fields
