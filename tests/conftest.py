@@ -12,7 +12,7 @@ import pytest
 
 from real_assets import llama_bpe, llama_spm, qwen2, real_chat_template, real_tokenizer, sdist_chat_templates  # noqa: F401 (fixtures)
 from real_model import smollm2, smollm2_gguf  # noqa: F401 (fixtures)
-from vitune.cli import quiet_libraries
+from vitune.cli import main, quiet_libraries
 
 quiet_libraries()
 # Prepared-data cache of this test session only, so runs never see each other's entries.
@@ -45,3 +45,18 @@ def write_config(path: Path, **sections) -> Path:
 
     path.write_text(yaml.safe_dump(sections, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def train_run(tmp_path: Path, model: Path, name: str, method: str = "lora", stage: str = "sft", data=None, **lora) -> Path:
+    """A two-step tiny run on the bundled Alpaca data (or `data`); its run folder."""
+    out = tmp_path / name
+    config = write_config(
+        tmp_path / f"{name}.yaml",
+        model={"name_or_path": str(model)},
+        method={"type": method, **({"lora": {"dropout": 0.0, **lora}} if method != "full" else {})},
+        data={"train": [{"path": str(data or ROOT / "data" / "alpaca_vi.jsonl"), "max_samples": 16}], "max_length": 128},
+        train={"stage": stage, "max_steps": 2, "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
+               "output_dir": str(out), "report_to": ["none"]},
+    )
+    assert main(["train", str(config)]) == 0
+    return out

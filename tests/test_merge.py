@@ -13,24 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vitune.cli import main
 
-from conftest import ROOT, write_config
+from conftest import ROOT, train_run as train, write_config
 
 ALPACA = ROOT / "data" / "alpaca_vi.jsonl"
 CORPUS = ROOT / "data" / "corpus_vi.jsonl"
-
-
-def train(tmp_path: Path, model: Path, name: str, method: str = "lora", stage: str = "sft", data=None, **lora) -> Path:
-    out = tmp_path / name
-    config = write_config(
-        tmp_path / f"{name}.yaml",
-        model={"name_or_path": str(model)},
-        method={"type": method, **({"lora": {"dropout": 0.0, **lora}} if method != "full" else {})},
-        data={"train": [{"path": str(data or ALPACA), "max_samples": 16}], "max_length": 128},
-        train={"stage": stage, "max_steps": 2, "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0,
-               "output_dir": str(out), "report_to": ["none"]},
-    )
-    assert main(["train", str(config)]) == 0
-    return out
 
 
 def logits(model, ids) -> torch.Tensor:

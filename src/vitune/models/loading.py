@@ -207,7 +207,7 @@ def adapter_base(adapter: Path) -> str:
 
 
 
-def _same_model(a: str, b: str) -> bool:
+def same_model(a: str, b: str) -> bool:
     pa, pb = Path(os.path.expanduser(a)), Path(os.path.expanduser(b))
     if pa.exists() and pb.exists():
         return pa.resolve() == pb.resolve()
@@ -229,7 +229,7 @@ def check_adapter_base(adapter: str, name_or_path: str, allow_pickle: bool) -> P
     if (folder / "config.yaml").is_file() and not (folder / "summary.json").is_file():
         raise UserError(f"model.adapter = {adapter} is an unfinished run (no summary.json): train it to the end first")
     base = adapter_base(settings)
-    if not _same_model(base, name_or_path) and not _same_model(model_source_name(base), model_source_name(name_or_path)):
+    if not same_model(base, name_or_path) and not same_model(model_source_name(base), model_source_name(name_or_path)):
         raise UserError(f"model.adapter = {adapter} was trained on {base}, not on model.name_or_path = {name_or_path}; "
                         f"set model.name_or_path: {base}")
     check_safe_weights(folder, allow_pickle)

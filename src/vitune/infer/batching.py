@@ -1,0 +1,315 @@
+"""The generation engine behind `vitune serve`: one worker thread owns the model and runs every
+request in one dynamic batch over one KV cache. No HTTP here (that is infer/serve.py).
+
+A request comes in as token ids plus its sampling settings and its adapter; it leaves as a
+stream of `Delta`s (text, token ids, log-probabilities) ending with a finish reason.
+
+Why by hand and not transformers' own continuous batching (`init_continuous_batching()`):
+its manager packs every request into one row (batch size 1, varlen / paged attention), so
+PEFT's mixed-adapter batches (`adapter_names`, one name per batch row) cannot tell requests
+apart; it has no per-request `torch.Generator` (OpenAI's `seed`) and no prompt log-probs
+(`echo` + `logprobs`, what lm-evaluation-harness needs). Here a request is prefilled alone
+(so its prompt is computed exactly as `generate` computes it), its cache is left-padded to
+the batch's length and concatenated along the batch, and every step is one forward of all
+rows with an explicit attention mask and position ids.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+
+
+def _cache_keyword() -> str:
+    # transformers 5.x renamed the forward's `past_key_values` to `cache` (the old name warns every step)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the engine's max_queue allows."""
+
+
+@dataclass
+class Sampling:
+    """Per-request decoding settings. temperature 0 = greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)  # stop strings: text is cut before them
+    logprobs: Optional[int] = None  # top-k log-probs of each generated (and, with echo, prompt) token
+    echo: bool = False
+
+
+@dataclass
+class Delta:
+    """A piece of one request's output: new text, the tokens behind it, and at the end a finish reason
+    ("stop", "length", or "error" with `error` set). With echo the first delta carries the prompt's log-probs."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)  # {"token", "logprob", "top": {token: logprob}}
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    prompt_logprobs: Optional[list[dict]] = None
+
+
+@dataclass
+class Request:
+    """One generation: prompt token ids, sampling, adapter, and `emit(delta)` called from the worker thread."""
+
+    prompt_ids: list[int]
+    sampling: Sampling
+    emit: Callable[[Delta], None]
+    adapter: str = BASE
+    stop_ids: list[int] = field(default_factory=list)
+    cancelled: bool = False  # set by the caller (a client that went away); the worker drops the row
+    generated: list[int] = field(default_factory=list)
+    sent_chars: int = 0  # characters of the decoded answer already emitted
+    generator: Optional[torch.Generator] = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """Dynamic batching over one model: `submit(request)` from any thread; `start()` runs the worker."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 256, uses_adapters: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.uses_adapters = uses_adapters  # a PeftModel: every forward names each row's adapter
+        self.device = next(model.parameters()).device
+        self.waiting: deque[Request] = deque()
+        self.wake = threading.Condition()
+        self.rows: list[Request] = []  # the running batch, in cache order
+        self.cache = None  # DynamicCache of all rows, left-padded to a common length
+        self.mask: Optional[torch.Tensor] = None  # [rows, cache length]: 1 = a real token, 0 = padding
+        self.positions: Optional[torch.Tensor] = None  # [rows]: position of each row's next input token
+        self.next_ids: Optional[torch.Tensor] = None  # [rows]: last sampled token, fed at the next step
+        self.thread: Optional[threading.Thread] = None
+        self.stopping = False
+        self.cache_keyword = _cache_keyword()
+
+    # ------------------------------------------------------------ the caller's side
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises QueueFull when max_queue requests are already waiting."""
+        if request.sampling.seed is not None:
+            request.generator = torch.Generator(device=self.device).manual_seed(request.sampling.seed)
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue}); retry later")
+            self.waiting.append(request)
+            self.wake.notify()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="vitune-generation", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+
+    # ------------------------------------------------------------ the worker
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not self.stopping and not self.waiting and not self.rows:
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                admitted = []
+                while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
+                    admitted.append(self.waiting.popleft())
+            for request in admitted:  # joins at this step: nobody waits for another request to finish
+                if not request.cancelled:
+                    self._guarded([request], lambda: self._prefill(request))
+            if self.rows:
+                self._guarded(list(self.rows), self._step)
+
+    def _guarded(self, requests: list[Request], work: Callable[[], None]) -> None:
+        # An exception fails the requests it touched (the caller answers 500); the worker keeps serving.
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - anything from the model or tokenizer
+            message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            for request in requests:
+                request.emit(Delta(finish_reason="error", error=message))
+            failed = set(map(id, requests))
+            broken = self.cache is not None and (
+                self.cache.layers[0].keys.shape[0] != len(self.rows) or self.cache.layers[0].keys.shape[-2] != self.mask.shape[1])
+            if broken:  # the failure came half-way through changing the batch: its rows cannot go on
+                for request in self.rows:
+                    if id(request) not in failed:
+                        request.emit(Delta(finish_reason="error", error=message))
+            if broken or any(id(r) in failed for r in self.rows):
+                self.rows, self.cache, self.mask, self.positions, self.next_ids = [], None, None, None, None
+
+    def _forward(self, input_ids, adapters, **kwargs):
+        if self.uses_adapters:
+            kwargs["adapter_names"] = adapters
+        with torch.inference_mode():
+            return self.model(input_ids=input_ids, use_cache=True, **kwargs)
+
+    def _prefill(self, request: Request) -> None:
+        """Run one new prompt alone (exactly as `generate` would), sample its first token, add it to the batch."""
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        echo = request.sampling.echo and request.sampling.logprobs is not None
+        out = self._forward(ids, [request.adapter], logits_to_keep=0 if echo else 1)
+        logits = out.logits[0].float()
+        first = Delta()
+        if echo:
+            first.prompt_logprobs = self._prompt_logprobs(request.prompt_ids, logits[:-1], request.sampling.logprobs)
+        if request.sampling.max_new_tokens == 0:
+            first.finish_reason = "length"
+            request.emit(first)
+            return
+        finished = self._accept(request, logits[-1], first)
+        if finished:
+            return
+        cache = getattr(out, self.cache_keyword)
+        self._check_cache(cache)
+        length = len(request.prompt_ids)
+        if self.cache is None:
+            self.rows, self.cache = [request], cache
+            self.mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        else:
+            width = max(self.mask.shape[1], length)
+            self._pad_left(self.cache, width - self.mask.shape[1])
+            self._pad_left(cache, width - length)
+            for mine, theirs in zip(self.cache.layers, cache.layers):
+                mine.keys = torch.cat([mine.keys, theirs.keys])
+                mine.values = torch.cat([mine.values, theirs.values])
+            row_mask = torch.ones(1, width, dtype=torch.long, device=self.device)
+            row_mask[:, : width - length] = 0
+            old = torch.nn.functional.pad(self.mask, (width - self.mask.shape[1], 0))
+            self.mask = torch.cat([old, row_mask])
+            self.rows.append(request)
+        token = torch.tensor([request.generated[-1]], device=self.device)
+        position = torch.tensor([length], device=self.device)
+        self.next_ids = token if self.next_ids is None or len(self.rows) == 1 else torch.cat([self.next_ids, token])
+        self.positions = position if self.positions is None or len(self.rows) == 1 else torch.cat([self.positions, position])
+
+    def _step(self) -> None:
+        """One forward of every running row; each row samples its next token; finished rows leave."""
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)], dim=1)
+        out = self._forward(
+            self.next_ids[:, None], [r.adapter for r in self.rows], attention_mask=self.mask,
+            position_ids=self.positions[:, None], **{self.cache_keyword: self.cache},
+        )
+        logits = out.logits[:, -1].float()
+        self.positions = self.positions + 1
+        keep = []
+        for i, request in enumerate(self.rows):
+            if request.cancelled or self._accept(request, logits[i], Delta()):
+                continue
+            keep.append(i)
+        self.next_ids = torch.tensor([self.rows[i].generated[-1] for i in keep], device=self.device)
+        if len(keep) < len(self.rows):
+            self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        if not keep:
+            self.rows, self.cache, self.mask, self.positions, self.next_ids = [], None, None, None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        # columns that are padding in every remaining row (the longest prompt left) are dropped
+        cut = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, cut:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, cut:], layer.values[index, :, cut:]
+
+    @staticmethod
+    def _pad_left(cache, columns: int) -> None:
+        if columns:
+            for layer in cache.layers:
+                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, columns, 0))
+                layer.values = torch.nn.functional.pad(layer.values, (0, 0, columns, 0))
+
+    @staticmethod
+    def _check_cache(cache) -> None:
+        from transformers.cache_utils import DynamicLayer
+
+        # sliding-window and linear-attention layers keep no full history: padding them is not the same model
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            kinds = sorted({type(layer).__name__ for layer in cache.layers})
+            raise RuntimeError(f"this model's cache layers ({', '.join(kinds)}) cannot be batched by vitune serve")
+
+    # ------------------------------------------------------------ sampling and text
+
+    def _accept(self, request: Request, logits: torch.Tensor, delta: Delta) -> bool:
+        """Sample the next token of `request` from `logits` [vocab], emit what it adds; True when it is finished."""
+        token = sample(logits, request.sampling, request.generator)
+        request.generated.append(token)
+        if request.sampling.logprobs is not None:
+            delta.logprobs = [self._logprob_entry(torch.log_softmax(logits, -1), token, request.sampling.logprobs)]
+        if token in request.stop_ids:
+            delta.finish_reason = "stop"
+        text = self.tokenizer.decode(request.generated, skip_special_tokens=True)
+        new = text[request.sent_chars :]
+        hits = [i for i in (text.find(s, max(0, request.sent_chars - len(s))) for s in request.sampling.stop if s) if i >= 0]
+        if hits:  # a stop string: the answer ends before it
+            new, delta.finish_reason = text[request.sent_chars : max(min(hits), request.sent_chars)], "stop"
+        elif delta.finish_reason is None and len(request.generated) >= request.sampling.max_new_tokens:
+            delta.finish_reason = "length"
+        elif delta.finish_reason is None:
+            # hold back an unfinished UTF-8 character and any tail that may start a stop string
+            held = len(new) - len(new.rstrip("\ufffd"))
+            for s in request.sampling.stop:
+                held = max(held, max((k for k in range(1, len(s)) if text.endswith(s[:k])), default=0))
+            new = new[: len(new) - held]
+        request.sent_chars += len(new)
+        delta.text, delta.token_ids = new, [token]
+        request.emit(delta)
+        return delta.finish_reason is not None
+
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _logprob_entry(self, logprobs: torch.Tensor, token: int, k: int) -> dict:
+        top = torch.topk(logprobs, min(max(k, 1), logprobs.shape[-1]))
+        return {
+            "token": self._token_text(token),
+            "logprob": float(logprobs[token]),
+            "top": {self._token_text(int(i)): float(v) for v, i in zip(top.values[:k], top.indices[:k])},
+        }
+
+    def _prompt_logprobs(self, ids: list[int], logits: torch.Tensor, k: int) -> list[dict]:
+        """Log-probs of prompt tokens 1.. given the ones before (`logits` [len-1, vocab]); the first has none."""
+        logprobs = torch.log_softmax(logits, -1)
+        entries = [{"token": self._token_text(ids[0]), "logprob": None, "top": None}]
+        entries += [self._logprob_entry(logprobs[i], ids[i + 1], k) for i in range(len(ids) - 1)]
+        return entries
+
+
+def sample(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator] = None) -> int:
+    """The next token from `logits` [vocab]: argmax at temperature 0, else temperature + nucleus (top_p) sampling."""
+    if sampling.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, -1)
+    if sampling.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the most likely token always stays)
+        outside = torch.cumsum(sorted_probs, -1) - sorted_probs >= sampling.top_p
+        sorted_probs[outside] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+    if not math.isfinite(float(probs.sum())) or float(probs.sum()) <= 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probs, 1, generator=generator))
