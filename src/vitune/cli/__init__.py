@@ -34,6 +34,7 @@ err_console = Console(stderr=True)
 from vitune.cli import chat as _chat  # noqa: E402,F401  (registers commands)
 from vitune.cli import data as _data  # noqa: E402,F401
 from vitune.cli import estimate as _estimate  # noqa: E402,F401
+from vitune.cli import eval as _eval  # noqa: E402,F401
 from vitune.cli import export as _export  # noqa: E402,F401
 from vitune.cli import init_model as _init_model  # noqa: E402,F401
 from vitune.cli import merge as _merge  # noqa: E402,F401

@@ -24,14 +24,9 @@ from typing import Callable, Optional
 
 import torch
 
+from vitune.models.loading import cache_keyword
+
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-
-
-def _cache_keyword() -> str:
-    # transformers 5.x renamed the forward's `past_key_values` to `cache` (the old name warns every step)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class QueueFull(Exception):
@@ -101,7 +96,7 @@ class Engine:
         self.next_ids: Optional[torch.Tensor] = None  # [rows]: last sampled token, fed at the next step
         self.thread: Optional[threading.Thread] = None
         self.stopping = False
-        self.cache_keyword = _cache_keyword()
+        self.cache_keyword = cache_keyword()
 
     # ------------------------------------------------------------ the caller's side
 

@@ -298,3 +298,11 @@ def adapt_model(model, method: MethodConfig, gradient_checkpointing: bool, task_
         return get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"method.lora: {str(exc).splitlines()[0]}") from None
+
+
+def cache_keyword() -> str:
+    """The forward's name for the KV cache, in and out: transformers 5.x renamed `past_key_values`
+    to `cache` (the old name warns at every step and goes in 5.40)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

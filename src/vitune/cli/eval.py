@@ -1,0 +1,65 @@
+"""`vitune eval TARGET --data FILE...` and `vitune eval --compare A B`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from vitune.cli import app
+
+
+@app.command(
+    name="eval",
+    help=(
+        "Evaluate a run folder, model folder, Hub id or .gguf on data files: multiple choice in VMLU's format "
+        "(accuracy by log-likelihood and by VMLU's prompt), conversations / Alpaca rows (loss and perplexity on "
+        "the answers; --generate adds exact match, chrF and ROUGE-L), plain text (bits per character) or "
+        "preference pairs (reward accuracy). An adapter run is compared with its base. Writes eval.json.\n\n"
+        "Example: vitune eval runs/quickstart --data data/vmlu_vi.jsonl data/qa_vi_eval.jsonl --generate\n\n"
+        "Compare two saved results: vitune eval --compare runs/a runs/b"
+    ),
+)
+def eval_(
+    target: Optional[str] = typer.Argument(None, help="Run folder, model folder, Hub id or .gguf file",
+                                           show_default=False),
+    data: list[str] = typer.Option([], "--data", help="Data file (repeatable; several after one --data too)"),
+    task: str = typer.Option("auto", help="auto (from the rows) | multiple_choice | conversations | text | preference"),
+    base: str = typer.Option("auto", help="auto (an adapter run's base) | none | MODEL to compare with"),
+    generate: bool = typer.Option(False, "--generate", help="Conversations: greedy answers scored against the references"),
+    shots: int = typer.Option(0, help="Multiple choice: k solved questions of the same subject before each one"),
+    batch_size: int = typer.Option(16, help="Sequences per forward pass"),
+    max_new_tokens: int = typer.Option(256, help="Longest generated answer (--generate)"),
+    limit: Optional[int] = typer.Option(None, help="Score only the first N rows of each file", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where eval.json goes (default: in TARGET's folder)",
+                                       show_default=False),
+    compare: Optional[list[str]] = typer.Option(None, "--compare", help="Two eval.json files or folders: A B",
+                                                show_default=False),
+    extra: Optional[list[str]] = typer.Argument(None, hidden=True),
+) -> None:
+    from vitune.errors import UserError
+    from vitune.eval import report
+
+    console = Console(highlight=False)
+    paths = list(data) + list(extra or [])  # `--data a.jsonl b.jsonl`: the files after the first
+    if compare:
+        runs = list(compare) + ([target] if target else []) + paths
+        if len(runs) != 2:
+            raise UserError(f"--compare takes two eval.json files or run folders (A B), got {len(runs)}")
+        report.compare(report.load(runs[0]), report.load(runs[1]), console)
+        return
+    if not target:
+        raise UserError("give the model to evaluate: vitune eval TARGET --data FILE (or --compare A B)")
+    if not paths:
+        raise UserError("give the data to evaluate on: --data FILE (e.g. --data data/vmlu_vi.jsonl)")
+    if batch_size < 1 or max_new_tokens < 1 or shots < 0 or (limit is not None and limit < 1):
+        raise UserError("--batch-size, --max-new-tokens and --limit must be at least 1, --shots at least 0")
+    from vitune.eval.runner import evaluate
+
+    result = evaluate(target, paths, task=task, base=base, generate=generate, shots=shots, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens, limit=limit, on_progress=lambda m: console.print(f"eval: {m}"))
+    report.show(result, console)
+    written = report.save(result, out or report.default_out(target))
+    console.print(f"wrote {written}")

@@ -1,0 +1,240 @@
+"""Multiple-choice questions in VMLU's format, scored two ways.
+
+Rows in: VMLU JSONL `{id, question, choices: ["A. ...", ...], answer: "B"}` (optional `subject`,
+`category`), or a CSV / table with `question, A, B, C, D[, E], answer` columns. Out: per question,
+(1) the log-likelihood of each choice's text after the question, as lm-evaluation-harness's `acc`
+(highest sum) and `acc_norm` (highest sum per character), and (2) VMLU's own protocol: the prompt
+ending "Đáp án đúng là: ", a greedy answer, its first letter.
+
+Speed: the choices of one question share its prompt, so the prompts of a batch of questions run
+once (right-padded) and their KV cache is repeated for the choices, whose tokens then run in one
+forward: the prompt is computed once per question instead of once per choice.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from vitune.data.records import Rejection
+from vitune.data.sources import read_rows
+
+LETTERS = "ABCDEFGHIJ"
+VMLU_INSTRUCTION = ("Chỉ đưa ra chữ cái đứng trước câu trả lời đúng ({letters}) "
+                    "của câu hỏi trắc nghiệm sau: ")
+VMLU_ANSWER = "Đáp án đúng là: "
+_PREFIX = re.compile(r"^\s*([A-J])\s*[.):]\s*")
+
+
+@dataclass
+class Question:
+    id: str
+    question: str
+    choices: list[str]  # the choices' texts, without their "A. " prefix
+    answer: int  # index into choices
+    subject: Optional[str] = None
+    category: Optional[str] = None
+    source: str = ""  # file:line
+
+    @property
+    def letters(self) -> str:
+        return LETTERS[: len(self.choices)]
+
+
+@dataclass
+class QuestionFile:
+    questions: list[Question] = field(default_factory=list)
+    rows_read: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+def is_multiple_choice(row: dict) -> bool:
+    keys = {str(k).lower() for k in row}
+    return "question" in keys and "answer" in keys and ("choices" in keys or {"a", "b"} <= keys)
+
+
+def read_questions(paths: list[str]) -> QuestionFile:
+    """Every question of the files; rows that cannot be scored go to `rejections` with file:line."""
+    out, seen = QuestionFile(), {}
+    for path in paths:
+        for raw in read_rows(path):
+            out.rows_read += 1
+            if raw.row is None:
+                out.rejections.append(Rejection(raw.source, raw.problem[0], raw.problem[1]))
+                continue
+            try:
+                question = parse_question(raw.row, raw.source)
+            except ValueError as problem:
+                reason, _, detail = str(problem).partition(": ")
+                out.rejections.append(Rejection(raw.source, reason, detail, raw.row))
+                continue
+            if question.id in seen:
+                out.rejections.append(Rejection(raw.source, "duplicate id",
+                                                f"id {question.id!r} is also at {seen[question.id]}; give each question its own id"))
+                continue
+            seen[question.id] = raw.source
+            out.questions.append(question)
+    return out
+
+
+def parse_question(row: dict, source: str) -> Question:
+    """One row -> Question; ValueError("reason: what is wrong and what to do") otherwise."""
+    row = {str(k).strip().lower() if str(k).strip().upper() not in LETTERS else str(k).strip().upper(): v
+           for k, v in row.items()}
+    if not is_multiple_choice(row):
+        raise ValueError(f"not multiple choice: expected question, choices (or A, B, ... columns) and answer; "
+                         f"got {', '.join(sorted(row))}")
+    text = row.get("question")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("missing question: the question is empty")
+    if "choices" in row:
+        choices = row["choices"]
+        if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+            raise ValueError("bad choices: choices must be a list of strings")
+        choices = [_PREFIX.sub("", c, count=1) if _PREFIX.match(c) and _PREFIX.match(c).group(1) == LETTERS[i] else c
+                   for i, c in enumerate(choices)]
+    else:
+        choices = []
+        for letter in LETTERS:
+            value = row.get(letter)
+            if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
+                break
+            # a CSV column read as numbers (datasets infers types) turns "7" into 7.0: give the text back
+            choices.append(str(int(value)) if isinstance(value, float) and value.is_integer() else str(value))
+    choices = [c.strip() for c in choices]
+    if len(choices) < 2:
+        raise ValueError(f"too few choices: {len(choices)} choice(s); a question needs at least 2")
+    if any(not c for c in choices):
+        raise ValueError("empty choice: a choice is empty")
+    answer = row.get("answer")
+    if answer is None or str(answer).strip() == "":
+        raise ValueError("missing answer: the row has no answer; give its letter (A, B, ...)")
+    letter = str(answer).strip().rstrip(".").upper()
+    if letter not in LETTERS[: len(choices)] or len(letter) != 1:
+        raise ValueError(f"answer not among the choices: answer {answer!r}, but the choices are "
+                         f"{', '.join(LETTERS[: len(choices)])}")
+    ident = row.get("id")
+    ident = str(ident) if ident is not None and str(ident).strip() else source
+    subject = row.get("subject")
+    category = row.get("category")
+    return Question(ident, text.strip(), choices, LETTERS.index(letter),
+                    str(subject) if subject else None, str(category) if category else None, source)
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def likelihood_context(q: Question, shots: list[Question]) -> str:
+    """The text the choices continue: lm-evaluation-harness's MMLU-continuation shape, in Vietnamese."""
+    lines = [f"Câu hỏi: {s.question}\nĐáp án: {s.choices[s.answer]}\n\n" for s in shots]
+    return "".join(lines) + f"Câu hỏi: {q.question}\nĐáp án:"
+
+
+def vmlu_prompt(q: Question, shots: list[Question]) -> str:
+    """VMLU's zero-/few-shot prompt: the instruction, the question, its lettered choices, "Đáp án đúng là: "."""
+    def block(s: Question) -> str:
+        choices = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(s.choices))
+        return f"{s.question}\n{choices}\n{VMLU_ANSWER}"
+    letters = ", ".join(q.letters[:-1]) + f" hoặc {q.letters[-1]}"
+    text = VMLU_INSTRUCTION.format(letters=letters) + "\n"
+    text += "".join(f"{block(s)}{s.letters[s.answer]}\n\n" for s in shots)
+    return text + block(q)
+
+
+def pick_shots(questions: list[Question], k: int) -> dict[str, list[Question]]:
+    """For each question, the first k other questions of its subject (of the file when it has none)."""
+    if k <= 0:
+        return {q.id: [] for q in questions}
+    groups: dict[Optional[str], list[Question]] = defaultdict(list)
+    for q in questions:
+        groups[q.subject].append(q)
+    return {q.id: [s for s in groups[q.subject] if s.id != q.id][:k] for q in questions}
+
+
+def first_letter(text: str, letters: str) -> Optional[str]:
+    """The answer letter of a generated text: the first standalone A-E (of this question's letters)."""
+    match = re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", text)
+    return match.group(1) if match else None
+
+
+# ---------------------------------------------------------------- log-likelihoods
+
+
+def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) as lm-evaluation-harness splits them: the whole text is
+    tokenised once and the continuation is what follows the context's own tokens."""
+    whole = tokenizer(context + continuation, add_special_tokens=True)["input_ids"]
+    head = tokenizer(context, add_special_tokens=True)["input_ids"]
+    if whole[: len(head)] != head:  # the boundary merged: keep the context's ids, tokenise the rest alone
+        return head, tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    return head, whole[len(head):]
+
+
+def shared_prefix_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+    """Sum of log-probabilities of each continuation after its context: items are
+    (context ids, [continuation ids, ...]); one forward for the contexts, one for all continuations."""
+    import torch
+
+    from vitune.models.loading import cache_keyword
+
+    device = next(model.parameters()).device
+    width = max(len(c) for c, _ in items)
+    contexts = torch.full((len(items), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(contexts)
+    for i, (c, _) in enumerate(items):
+        contexts[i, : len(c)], mask[i, : len(c)] = torch.tensor(c, device=device), 1
+    with torch.inference_mode():
+        out = model(input_ids=contexts, attention_mask=mask, use_cache=True)
+        cache = getattr(out, cache_keyword())
+        last = torch.log_softmax(out.logits.float()[torch.arange(len(items)), mask.sum(1) - 1], -1)
+        owners = [i for i, (_, conts) in enumerate(items) for _ in conts]
+        conts = [cont for _, cs in items for cont in cs]
+        index = torch.tensor(owners, device=device)
+        for layer in cache.layers:  # every choice starts from its question's cache
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        longest = max(len(c) for c in conts)
+        ids = torch.full((len(conts), longest), pad_id, dtype=torch.long, device=device)
+        cont_mask = torch.zeros_like(ids)
+        for j, cont in enumerate(conts):
+            ids[j, : len(cont)], cont_mask[j, : len(cont)] = torch.tensor(cont, device=device), 1
+        lengths = mask.sum(1)[index]
+        positions = lengths[:, None] + torch.arange(longest, device=device)[None]
+        full_mask = torch.cat([mask[index], cont_mask], dim=1)
+        logits = torch.log_softmax(model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                                         **{cache_keyword(): cache}).logits.float(), -1)
+    sums, k = [], 0
+    for i, (_, cs) in enumerate(items):
+        row = []
+        for cont in cs:
+            total = float(last[i, cont[0]])
+            for t in range(1, len(cont)):
+                total += float(logits[k, t - 1, cont[t]])
+            row.append(total)
+            k += 1
+        sums.append(row)
+    return sums
+
+
+# ---------------------------------------------------------------- results
+
+
+def accuracy_table(questions: list[Question], correct: dict[str, list[bool]]) -> dict:
+    """{metric: {"average": acc, "by_category": {...}, "by_subject": {...}}} from per-question booleans."""
+    out = {}
+    for metric, hits in correct.items():
+        entry = {"average": sum(hits) / len(hits) if hits else None}
+        for key in ("category", "subject"):
+            groups: dict[str, list[bool]] = defaultdict(list)
+            for q, hit in zip(questions, hits):
+                if getattr(q, key):
+                    groups[getattr(q, key)].append(hit)
+            if groups:
+                entry[f"by_{key}"] = {g: sum(v) / len(v) for g, v in sorted(groups.items())}
+        out[metric] = entry
+    return out
+
+
+def answer_distribution(questions: list[Question]) -> dict[str, int]:
+    return dict(sorted(Counter(q.letters[q.answer] for q in questions).items()))
