@@ -89,7 +89,9 @@ def test_merged_qlora_equals_its_dequantised_4bit_base_plus_adapter(tiny_llama, 
     assert far > 10 * gap
 
 
-def test_a_vocabulary_extended_model_merges_with_its_new_rows(tiny_llama, tmp_path):
+def test_the_two_stage_vocabulary_recipe_extend_pt_merge_then_lora(tiny_llama, tmp_path):
+    """README's recipe: extend the vocabulary, train the new rows (pt + train_tokens), merge, then an
+    ordinary LoRA fine-tune of the merged folder, whose adapter carries no embedding copies."""
     extended = tmp_path / "extended"
     assert main(["vocab", "extend", str(tiny_llama), "--corpus", str(CORPUS), "--new-tokens", "64",
                  "--out", str(extended)]) == 0
@@ -104,6 +106,16 @@ def test_a_vocabulary_extended_model_merges_with_its_new_rows(tiny_llama, tmp_pa
     changed = (rows != before).any(dim=1).nonzero().squeeze(1).tolist()
     assert changed and set(changed) <= set(new_ids)  # the trained new rows, merged in
     assert (out / "vocab_report.json").is_file()
+
+    sft = train(tmp_path, out, "sft")  # stage 2: LoRA on the merged folder (examples/sft_vocab.yaml)
+    settings = json.loads((sft / "adapter_config.json").read_text())
+    assert settings["base_model_name_or_path"] == str(out) and not settings.get("modules_to_save")
+    assert not settings.get("trainable_token_indices")
+    from safetensors import safe_open
+
+    with safe_open(sft / "adapter_model.safetensors", "pt") as weights:
+        assert all("lora_" in name for name in weights.keys())  # what vLLM's --lora-modules loads
+    assert len(AutoTokenizer.from_pretrained(sft)) == len(AutoTokenizer.from_pretrained(extended))
 
 
 def test_bad_input_is_one_line(lora_run, tiny_llama, tmp_path, capsys):

@@ -250,7 +250,7 @@ def expected_chat(runs, tiny_llama):
 
 def ask(client, **extra):
     return client.chat.completions.create(model="vi", messages=[{"role": "user", "content": "Phở là gì?"}],
-                                          temperature=0, max_tokens=12, **extra)
+                                          **{"temperature": 0, "max_tokens": 12, **extra})
 
 
 def test_models_lists_the_run_and_its_adapters(client):
@@ -275,6 +275,11 @@ def test_streamed_chat_adds_up_to_the_same_answer_with_usage_last(client, expect
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == answer_tokens
 
 
+def test_ignore_eos_generates_max_tokens(client):
+    reply = ask(client, max_tokens=40, extra_body={"ignore_eos": True})
+    assert reply.usage.completion_tokens == 40 and reply.choices[0].finish_reason == "length"
+
+
 def test_concurrent_requests_get_their_own_answers(client, expected_chat):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -296,6 +301,28 @@ def test_completions_echo_returns_the_prompt_with_its_logprobs(client, tiny_llam
     assert choice.logprobs.token_logprobs[0] is None and all(v <= 0 for v in choice.logprobs.token_logprobs[1:])
     assert choice.logprobs.text_offset[0] == 0
     assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 3
+
+
+def test_a_client_that_goes_away_frees_its_slot(server):
+    def health_becomes(wanted: dict, seconds: float):  # True, or the last /health seen
+        deadline, seen = time.monotonic() + seconds, None
+        while time.monotonic() < deadline:
+            seen = httpx.get(f"{server}/health").json()
+            if seen == wanted:
+                return True
+            time.sleep(0.02)
+        return seen
+
+    # 1,500 tokens take ~12 s on 2 cores; the slot must be free long before that
+    body = {"model": "vi", "prompt": "Hà Nội", "max_tokens": 1500, "temperature": 0, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=30) as reply:
+        lines = reply.iter_lines()  # kept: a dropped iterator closes the response
+        next(lines)
+        assert health_becomes({"status": "ok", "running": 1, "waiting": 0}, 2) is True
+        closed = time.monotonic()
+    assert health_becomes({"status": "ok", "running": 0, "waiting": 0}, 3) is True
+    assert time.monotonic() - closed < 3
 
 
 def test_a_wrong_key_is_401(server):

@@ -32,6 +32,7 @@ class Common(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Optional[Union[str, list[str]]] = None
     seed: Optional[int] = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end of turn (benchmarks)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -99,7 +100,8 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        # requests generating now and waiting for a batch slot: what a load balancer or a test watches
+        return {"status": "ok", "running": len(engine.rows), "waiting": len(engine.waiting)}
 
     @app.get("/v1/models")
     async def list_models():
@@ -124,7 +126,7 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
         return Sampling(max_new_tokens=wanted, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
                         stop=stops, **extra)
 
-    def run(prompts: list[list[int]], settings: list[Sampling], model: ServedModel, http: HttpRequest):
+    def run(prompts: list[list[int]], settings: list[Sampling], model: ServedModel, ignore_eos: bool):
         """Submit one engine request per (prompt, sample) now (429 before any response starts); returns an
         async iterator of (index, Delta) as they come."""
         loop = asyncio.get_running_loop()
@@ -132,7 +134,7 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
         requests = []
         for index, (ids, setting) in enumerate(zip(prompts, settings)):
             request = Request(ids, setting, lambda d, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, d)),
-                              adapter=model.adapter, stop_ids=model.stop_ids)
+                              adapter=model.adapter, stop_ids=[] if ignore_eos else model.stop_ids)
             requests.append(request)
         try:
             for request in requests:
@@ -163,7 +165,7 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
         return Sampling(**{**setting.__dict__, "seed": setting.seed + i})  # n samples differ, reproducibly
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, http: HttpRequest):
+    async def chat(body: ChatRequest):
         from vitune.data.records import Conversation, Message, fold_system_prompt
 
         model = served(body.model)
@@ -185,7 +187,7 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         setting = sampling(body, limit, len(ids), context)
         rid, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = run([ids] * body.n, [seeded(setting, i) for i in range(body.n)], model, http)
+        stream = run([ids] * body.n, [seeded(setting, i) for i in range(body.n)], model, body.ignore_eos)
 
         def usage(completion: int) -> dict:
             return {"prompt_tokens": len(ids) * body.n, "completion_tokens": completion,
@@ -223,7 +225,7 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
                 "usage": usage(tokens)}
 
     @app.post("/v1/completions")
-    async def complete(body: CompletionRequest, http: HttpRequest):
+    async def complete(body: CompletionRequest):
         model = served(body.model)
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -244,7 +246,7 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
                 settings.append(seeded(base, i))
                 flat.append(p)
         rid, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        stream = run(flat, settings, model, http)
+        stream = run(flat, settings, model, body.ignore_eos)
         if body.stream:
             async def sse():
                 chunk = {"id": rid, "object": "text_completion", "created": stamp, "model": model.name}
