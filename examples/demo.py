@@ -5,7 +5,9 @@
 2. fine-tune it with LoRA with examples/quickstart.yaml; 20 bundled rows are held out
    (data.val_size) and never trained on;
 3. the held-out loss and perplexity before and after, from the run's summary;
-4. greedy answers to three held-out questions and one training question, before and after.
+4. greedy answers to three held-out questions and one training question, before and after;
+5. `vitune eval` of the run beside its base: the bundled multiple-choice questions in VMLU's format
+   and the held-out QA set (loss on the answers, exact match, chrF, ROUGE-L of greedy answers).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from rich.table import Table
 from vitune.cli import quiet_libraries, run_script
 from vitune.config import load_config
 from vitune.data.pipeline import DataReport, load_conversations
+from vitune.eval import report
+from vitune.eval.runner import evaluate
 from vitune.infer.chat import load_chat_model
 from vitune.models.presets import PRESETS, write_preset
 from vitune.train.sft import run_sft
@@ -72,6 +76,15 @@ def main() -> int:
         table.add_row(f"({where}) {conv.messages[0].text}", conv.messages[1].content, old, new)
     console.print(table)
     console.print(f"greedy answers, at most {MAX_NEW_TOKENS} new tokens. Chat yourself: .venv/bin/vitune chat {result.output_dir}")
+    del tuned
+
+    console.rule("5. vitune eval: the run beside its base")
+    data = [str(ROOT / "data" / "vmlu_vi.jsonl"), str(ROOT / "data" / "qa_vi_eval.jsonl")]
+    scores = evaluate(str(result.output_dir), data, generate=True, max_new_tokens=64)
+    report.show(scores, console)
+    console.print(f"wrote {report.save(scores, report.default_out(str(result.output_dir)))}; the same with "
+                  f".venv/bin/vitune eval {result.output_dir} --data {' '.join(Path(d).relative_to(ROOT).as_posix() for d in data)} "
+                  "--generate --max-new-tokens 64")
     return 0
 
 

@@ -144,7 +144,7 @@ def test_acc_and_acc_norm_pick_the_best_sum_and_the_best_sum_per_character(score
         context = mc.likelihood_context(q, [])
         sums = [direct_logprob(scorer.model, *mc.continuation_ids(scorer.tokenizer, context, " " + c)) for c in q.choices]
         expected_acc.append(max(range(len(sums)), key=sums.__getitem__) == q.answer)
-        expected_norm.append(max(range(len(sums)), key=lambda j: sums[j] / len(" " + q.choices[j])) == q.answer)
+        expected_norm.append(max(range(len(sums)), key=lambda j: sums[j] / len(q.choices[j])) == q.answer)
     assert rejected == [] and figures["scored"] == 12
     assert figures["acc"]["average"] == sum(expected_acc) / 12
     assert figures["acc_norm"]["average"] == sum(expected_norm) / 12
@@ -226,6 +226,7 @@ def test_eval_of_a_lora_run_scores_it_beside_its_base_and_writes_eval_json(lora_
     assert mc_file["sha256"] == __import__("hashlib").sha256(VMLU.read_bytes()).hexdigest()
     shown = capsys.readouterr().out
     assert "model − base" in shown and "vmlu_acc" in shown
+    assert (lora_run / "loss.png").read_bytes()[:4] == b"\x89PNG"  # the run's loss curves
 
 
 def test_compare_puts_two_results_side_by_side(tmp_path, capsys):

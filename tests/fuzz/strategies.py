@@ -413,3 +413,29 @@ def apply_break(spec: tuple, original: bytes) -> bytes | None:
         data["chat_template"] = spec[1]
         return json.dumps(data).encode()
     return json.dumps(spec[1]).encode()
+
+
+# ---------------------------------------------------------------- multiple-choice rows (vitune eval)
+
+@st.composite
+def mc_row(draw) -> dict:
+    """A VMLU-style row, usually valid, with any field missing, mistyped or odd."""
+    n = draw(st.integers(0, 6))
+    row = {"id": draw(st.sampled_from(["q1", "q2", "q3"]) | scalars),
+           "question": draw(words | scalars),
+           "choices": draw(st.just([f"{'ABCDEF'[i]}. {draw(words)}" for i in range(n)]) | scalars
+                           | st.lists(words | scalars, max_size=3)),
+           "answer": draw(st.sampled_from(["A", "B", "c", "E", "", "AB", "1"]) | scalars)}
+    for key in draw(st.lists(st.sampled_from(list(row)), max_size=2, unique=True)):
+        del row[key]
+    return row
+
+
+@st.composite
+def mc_file(draw) -> tuple[str, bytes]:
+    rows = draw(st.lists(mc_row(), min_size=1, max_size=5))
+    if draw(st.integers(0, 3)) == 0:  # the CSV shape: question, A, B, ..., answer
+        lines = ["question,A,B,C,answer"] + [",".join(draw(st.sampled_from(["x", "", "1", "\"a,b\"", "Hà Nội"]))
+                                                     for _ in range(5)) for _ in rows]
+        return "mc.csv", "\n".join(lines).encode("utf-8")
+    return "mc.jsonl", b"\n".join(json.dumps(r, ensure_ascii=False, default=str).encode("utf-8") for r in rows)

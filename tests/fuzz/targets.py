@@ -326,6 +326,16 @@ def run_gguf_file(case, ws: Workspace) -> Outcome:
     return ws.cli([*command, str(config)])
 
 
+# ---------------------------------------------------------------- eval
+
+def run_eval(case, ws: Workspace) -> Outcome:
+    """`vitune eval` of the full tiny run on a fuzzed data file (multiple choice or any other rows)."""
+    (name, contents), task = case
+    path = ws.write(name, contents)
+    return ws.cli(["eval", str(ws.world.full_run), "--data", str(path), "--task", task, "--limit", "2",
+                   "--max-new-tokens", "1", "--out", str(ws.root / "eval.json")])
+
+
 TARGETS = [
     FuzzTarget("data-rows", st.tuples(s.data_file(), s.data_settings(), DATA_COMMANDS), run_data_rows, 60, check_rows),
     FuzzTarget("data-convert", st.tuples(
@@ -347,4 +357,7 @@ TARGETS = [
     FuzzTarget("gguf-file", gguf_case(), run_gguf_file, 30),
     FuzzTarget("export-gguf", st.tuples(run_folder_case(), st.sampled_from(["f16", "q8_0", "q4_0", "bf16", "q3", ""])),
                run_export_gguf, 20),
+    FuzzTarget("eval", st.tuples(s.mc_file() | s.data_file(),
+                                 st.sampled_from(["auto"] * 4 + ["multiple_choice", "conversations", "text", "preference"])),
+               run_eval, 25),
 ]

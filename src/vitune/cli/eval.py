@@ -63,3 +63,10 @@ def eval_(
     report.show(result, console)
     written = report.save(result, out or report.default_out(target))
     console.print(f"wrote {written}")
+    if (Path(target) / "metrics.jsonl").is_file():  # a run folder: its training and held-out loss curves
+        from vitune.eval.plot import plot_run
+
+        try:
+            console.print(f"wrote {plot_run(Path(target))}")
+        except UserError as exc:  # a run that logged no loss yet: the figures above still stand
+            console.print(f"no loss plot: {exc}")

@@ -172,49 +172,61 @@ def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[i
     return head, whole[len(head):]
 
 
-def shared_prefix_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+def shared_prefix_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad_id: int,
+                           group: int = 16) -> list[list[float]]:
     """Sum of log-probabilities of each continuation after its context: items are
-    (context ids, [continuation ids, ...]); one forward for the contexts, one for all continuations."""
+    (context ids, [continuation ids, ...]). The contexts run once, left-padded, keeping only their last
+    logits; their KV cache is then repeated for the continuations, which run in groups of `group`
+    sorted by length (so little of a group is padding)."""
+    import copy
+
     import torch
 
     from vitune.models.loading import cache_keyword
 
     device = next(model.parameters()).device
+    key = cache_keyword()
     width = max(len(c) for c, _ in items)
     contexts = torch.full((len(items), width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(contexts)
     for i, (c, _) in enumerate(items):
-        contexts[i, : len(c)], mask[i, : len(c)] = torch.tensor(c, device=device), 1
+        contexts[i, width - len(c):], mask[i, width - len(c):] = torch.tensor(c, device=device), 1
+    lengths = mask.sum(1)
     with torch.inference_mode():
-        out = model(input_ids=contexts, attention_mask=mask, use_cache=True)
-        cache = getattr(out, cache_keyword())
-        last = torch.log_softmax(out.logits.float()[torch.arange(len(items)), mask.sum(1) - 1], -1)
-        owners = [i for i, (_, conts) in enumerate(items) for _ in conts]
-        conts = [cont for _, cs in items for cont in cs]
-        index = torch.tensor(owners, device=device)
-        for layer in cache.layers:  # every choice starts from its question's cache
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
-        longest = max(len(c) for c in conts)
-        ids = torch.full((len(conts), longest), pad_id, dtype=torch.long, device=device)
-        cont_mask = torch.zeros_like(ids)
-        for j, cont in enumerate(conts):
-            ids[j, : len(cont)], cont_mask[j, : len(cont)] = torch.tensor(cont, device=device), 1
-        lengths = mask.sum(1)[index]
-        positions = lengths[:, None] + torch.arange(longest, device=device)[None]
-        full_mask = torch.cat([mask[index], cont_mask], dim=1)
-        logits = torch.log_softmax(model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                                         **{cache_keyword(): cache}).logits.float(), -1)
-    sums, k = [], 0
-    for i, (_, cs) in enumerate(items):
-        row = []
-        for cont in cs:
-            total = float(last[i, cont[0]])
-            for t in range(1, len(cont)):
-                total += float(logits[k, t - 1, cont[t]])
-            row.append(total)
-            k += 1
-        sums.append(row)
-    return sums
+        out = model(input_ids=contexts, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+        first = torch.log_softmax(out.logits[:, -1].float(), -1)  # what each context predicts next
+        cache = getattr(out, key)
+        flat = [(i, cont) for i, (_, conts) in enumerate(items) for cont in conts]
+        order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
+        sums = [0.0] * len(flat)
+        for start in range(0, len(order), group):
+            chunk = order[start: start + group]
+            owners = torch.tensor([flat[j][0] for j in chunk], device=device)
+            longest = max(len(flat[j][1]) for j in chunk)
+            ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long, device=device)
+            for r, j in enumerate(chunk):
+                ids[r, : len(flat[j][1])] = torch.tensor(flat[j][1], device=device)
+            rows = copy.copy(cache)  # the chunk's own cache: its questions' rows, repeated per choice
+            rows.layers = [copy.copy(layer) for layer in cache.layers]
+            for layer, source in zip(rows.layers, cache.layers):
+                layer.keys, layer.values = source.keys[owners], source.values[owners]
+            positions = lengths[owners, None] + torch.arange(longest, device=device)[None]
+            full_mask = torch.cat([mask[owners], torch.ones_like(ids)], dim=1)  # right padding is never read
+            logits = model(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                           **{key: rows}).logits[:, :-1].float() if longest > 1 else None
+            for r, j in enumerate(chunk):
+                owner, cont = flat[j]
+                total = float(first[owner, cont[0]])
+                if len(cont) > 1:
+                    picked = torch.log_softmax(logits[r, : len(cont) - 1], -1)
+                    total += float(picked.gather(1, torch.tensor(cont[1:], device=device)[:, None]).sum())
+                sums[j] = total
+    out_sums, k = [], 0
+    for _, conts in items:
+        out_sums.append(sums[k: k + len(conts)])
+        k += len(conts)
+    return out_sums
 
 
 # ---------------------------------------------------------------- results

@@ -100,7 +100,8 @@ def multiple_choice(scorer: Scorer, questions: list[mc.Question], shots: int = 0
             by_index[i] = row
     sums = [by_index[i] for i in range(len(items))]
     acc = [max(range(len(s)), key=s.__getitem__) == q.answer for q, s in zip(kept, sums)]
-    acc_norm = [max(range(len(s)), key=lambda j: s[j] / len(" " + q.choices[j])) == q.answer
+    # per character of the choice, as lm-evaluation-harness's acc_norm
+    acc_norm = [max(range(len(s)), key=lambda j: s[j] / len(q.choices[j])) == q.answer
                 for q, s in zip(kept, sums)]
     correct = {"acc": acc, "acc_norm": acc_norm}
     answers = []
