@@ -266,3 +266,13 @@ def test_bad_options_are_one_line(tiny_llama, capsys):
     assert "--compare takes two eval.json files or run folders (A B), got 1" in error_of(capsys)
     assert main(["eval", str(tiny_llama), "--data", str(QA), "--task", "nope"]) == 2
     assert "--task 'nope': choose one of auto, multiple_choice" in error_of(capsys)
+
+
+def test_base_model_compares_with_another_model(tiny_llama, tiny_models, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tiny_llama), "--data", str(QA), "--limit", "3", "--base", str(tiny_models["qwen2"]),
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    entry = result["files"][0]
+    assert result["base"] == str(tiny_models["qwen2"]) and entry["rows_scored"] == 3
+    assert entry["model"]["loss"] != entry["base"]["loss"] and entry["base"]["scored"] == 3

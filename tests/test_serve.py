@@ -419,3 +419,18 @@ def test_an_adapter_trained_on_another_base_is_refused(runs, tiny_models, capsys
     assert main(["serve", str(tiny_models["qwen2"]), "--port", str(free_port()), "--adapter", f"vi={runs['vi']}"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"--adapter vi={runs['vi']} was trained on" in err and "serve that base instead" in err
+
+
+def test_prompts_prefilled_together_answer_as_each_alone(tiny):
+    model, tokenizer = tiny
+    engine = Engine(model, tokenizer, max_batch=3, prefill_together=True)  # what vitune eval uses
+    items = [Collected(tokenizer(p)["input_ids"], Sampling(max_new_tokens=10, temperature=0)) for p in PROMPTS]
+    for item in items:  # all queued before the worker starts: 3 prefilled in one forward, then the 4th
+        engine.submit(item.request)
+    engine.start()
+    try:
+        for item in items:
+            item.wait()
+    finally:
+        engine.stop()
+    assert [item.token_ids for item in items] == [greedy(model, item.request.prompt_ids, 10) for item in items]

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from vitune.cli import app
 
@@ -59,14 +60,14 @@ def eval_(
     from vitune.eval.runner import evaluate
 
     result = evaluate(target, paths, task=task, base=base, generate=generate, shots=shots, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens, limit=limit, on_progress=lambda m: console.print(f"eval: {m}"))
+                      max_new_tokens=max_new_tokens, limit=limit, on_progress=lambda m: console.print(f"eval: {escape(m)}"))
     report.show(result, console)
     written = report.save(result, out or report.default_out(target))
-    console.print(f"wrote {written}")
+    console.print(f"wrote {escape(str(written))}")
     if (Path(target) / "metrics.jsonl").is_file():  # a run folder: its training and held-out loss curves
         from vitune.eval.plot import plot_run
 
         try:
-            console.print(f"wrote {plot_run(Path(target))}")
+            console.print(f"wrote {escape(str(plot_run(Path(target))))}")
         except UserError as exc:  # a run that logged no loss yet: the figures above still stand
-            console.print(f"no loss plot: {exc}")
+            console.print(f"no loss plot: {escape(str(exc))}")

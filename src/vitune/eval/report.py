@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from rich.markup import escape
+
 from vitune.errors import UserError
 
 # the headline figures of each task, in table order; True = higher is better
@@ -51,11 +53,11 @@ def _table(title: str, columns: list[str], left: dict, right: Optional[dict]):
     from rich.table import Table
 
     directions = {k: up for task in HEADLINES.values() for k, up in task}
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(title), title_justify="left")
     for name in ["file", "metric", *columns]:
         table.add_column(name, justify="left" if name in ("file", "metric") else "right")
     for (file, metric), value in left.items():
-        cells = [file, metric, f"{value:.4f}"]
+        cells = [escape(file), escape(metric), f"{value:.4f}"]
         if right is not None:
             other = right.get((file, metric))
             if other is None:
@@ -73,11 +75,11 @@ def show(result: dict, console) -> None:
     """The result as one table: the model, and beside it its base and model minus base."""
     model, base = rows_of(result, "model"), rows_of(result, "base")
     for entry in result["files"]:
-        console.print(f"{entry['path']}: {entry['task']}, {entry['rows_read']} read, {entry['rows_scored']} scored, "
-                      f"{entry['rows_rejected']} rejected"
-                      + (f" {entry['rejected_by_reason']}" if entry["rejected_by_reason"] else ""))
+        console.print(escape(f"{entry['path']}: {entry['task']}, {entry['rows_read']} read, {entry['rows_scored']} "
+                             f"scored, {entry['rows_rejected']} rejected"
+                             + (f" {entry['rejected_by_reason']}" if entry["rejected_by_reason"] else "")))
         for r in entry["rejections"][:3]:
-            console.print(f"  [yellow]{r['source']}: {r['detail']}[/]")
+            console.print(f"  [yellow]{escape(r['source'])}: {escape(r['detail'])}[/]")
     if base:
         table = _table(result["model"]["target"], ["base", "model", "model − base"], base, model)
     else:

@@ -48,7 +48,9 @@ def row_task(row: dict) -> Optional[str]:
 
 def read_file(path: str, task: str) -> FileRows:
     """The rows of one file for `task` ("auto": the first readable row's kind decides)."""
+    from vitune.config import NormalizeSettings
     from vitune.data.formats import OTHER_PARSERS, PARSERS, RowProblem, detect_format
+    from vitune.data.pipeline import _normalize
     from vitune.data.sources import read_rows
 
     if task == "auto":
@@ -79,6 +81,7 @@ def read_file(path: str, task: str) -> FileRows:
             if task == "conversations":
                 conv = PARSERS[fmt](raw.row, {})
                 conv.source = raw.source
+                _normalize(conv, NormalizeSettings())  # NFC, as training reads rows by default
                 out.items.append(conv)
             elif task == "text":
                 out.items.append((raw.source, OTHER_PARSERS["text"](raw.row, {}).text))

@@ -40,7 +40,8 @@ class Scorer:
         from vitune.infer.batching import Engine, Request, Sampling
 
         # an adapter run's active adapter (or none, under disable_adapter) applies to every row
-        engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size, max_queue=len(prompts) + 1)
+        engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size, max_queue=len(prompts) + 1,
+                        prefill_together=True)
         texts, done = [""] * len(prompts), threading.Semaphore(0)
 
         def collect(i):

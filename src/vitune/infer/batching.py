@@ -80,12 +80,17 @@ class Request:
 class Engine:
     """Dynamic batching over one model: `submit(request)` from any thread; `start()` runs the worker."""
 
-    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 256, uses_adapters: bool = False):
+    def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 256, uses_adapters: bool = False,
+                 prefill_together: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.uses_adapters = uses_adapters  # a PeftModel: every forward names each row's adapter
+        # prompts admitted together are prefilled in one left-padded forward: much faster for many
+        # prompts at once (vitune eval), but padding can move a logit by ~1e-6, so the server keeps
+        # prefilling each prompt alone, exactly as generate() computes it
+        self.prefill_together = prefill_together
         self.device = next(model.parameters()).device
         self.waiting: deque[Request] = deque()
         self.wake = threading.Condition()
@@ -131,9 +136,13 @@ class Engine:
                 admitted = []
                 while self.waiting and len(self.rows) + len(admitted) < self.max_batch:
                     admitted.append(self.waiting.popleft())
+            admitted = [r for r in admitted if not r.cancelled]
+            together = [r for r in admitted if self.prefill_together and not r.sampling.echo]
+            if len(together) > 1:
+                self._guarded(together, lambda: self._prefill_group(together))
+                admitted = [r for r in admitted if r not in together]
             for request in admitted:  # joins at this step: nobody waits for another request to finish
-                if not request.cancelled:
-                    self._guarded([request], lambda: self._prefill(request))
+                self._guarded([request], lambda: self._prefill(request))
             if self.rows:
                 self._guarded(list(self.rows), self._step)
 
@@ -178,27 +187,55 @@ class Engine:
         if finished:
             return
         cache = getattr(out, self.cache_keyword)
-        self._check_cache(cache)
         length = len(request.prompt_ids)
+        self._join([request], cache, torch.ones(1, length, dtype=torch.long, device=self.device), [length])
+
+    def _prefill_group(self, requests: list[Request]) -> None:
+        """Prefill several prompts in one forward, left-padded to the longest; each samples its first token."""
+        width = max(len(r.prompt_ids) for r in requests)
+        ids = torch.zeros(len(requests), width, dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(requests):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=self.device)
+            mask[i, width - len(r.prompt_ids):] = 1
+        out = self._forward(ids, [r.adapter for r in requests], attention_mask=mask,
+                            position_ids=(mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        going = []
+        for i, r in enumerate(requests):
+            if r.sampling.max_new_tokens == 0:
+                r.emit(Delta(finish_reason="length"))
+            elif not self._accept(r, logits[i], Delta()):
+                going.append(i)
+        if not going:
+            return
+        cache = getattr(out, self.cache_keyword)
+        index = torch.tensor(going, device=self.device)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        self._join([requests[i] for i in going], cache, mask[index], [len(requests[i].prompt_ids) for i in going])
+
+    def _join(self, requests: list[Request], cache, mask: torch.Tensor, lengths: list[int]) -> None:
+        """Add prefilled rows (their cache and [rows, width] mask) to the running batch, left-padding
+        whichever side is shorter so every row ends at the same column."""
+        self._check_cache(cache)
         if self.cache is None:
-            self.rows, self.cache = [request], cache
-            self.mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+            self.rows, self.cache, self.mask = list(requests), cache, mask
         else:
-            width = max(self.mask.shape[1], length)
+            width = max(self.mask.shape[1], mask.shape[1])
             self._pad_left(self.cache, width - self.mask.shape[1])
-            self._pad_left(cache, width - length)
+            self._pad_left(cache, width - mask.shape[1])
             for mine, theirs in zip(self.cache.layers, cache.layers):
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
-            row_mask = torch.ones(1, width, dtype=torch.long, device=self.device)
-            row_mask[:, : width - length] = 0
-            old = torch.nn.functional.pad(self.mask, (width - self.mask.shape[1], 0))
-            self.mask = torch.cat([old, row_mask])
-            self.rows.append(request)
-        token = torch.tensor([request.generated[-1]], device=self.device)
-        position = torch.tensor([length], device=self.device)
-        self.next_ids = token if self.next_ids is None or len(self.rows) == 1 else torch.cat([self.next_ids, token])
-        self.positions = position if self.positions is None or len(self.rows) == 1 else torch.cat([self.positions, position])
+            pad = lambda m: torch.nn.functional.pad(m, (width - m.shape[1], 0))  # noqa: E731
+            self.mask = torch.cat([pad(self.mask), pad(mask)])
+            self.rows.extend(requests)
+        tokens = torch.tensor([r.generated[-1] for r in requests], device=self.device)
+        positions = torch.tensor(lengths, device=self.device)
+        fresh = self.next_ids is None or len(self.rows) == len(requests)
+        self.next_ids = tokens if fresh else torch.cat([self.next_ids, tokens])
+        self.positions = positions if fresh else torch.cat([self.positions, positions])
 
     def _step(self) -> None:
         """One forward of every running row; each row samples its next token; finished rows leave."""
