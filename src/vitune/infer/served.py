@@ -3,7 +3,6 @@ put on its base, each under the name a request's `model` field asks for."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -38,7 +37,7 @@ def load_served_models(path: str, adapters: list[tuple[str, str]], name: Optiona
     from vitune.errors import UserError
     from vitune.infer.chat import load_chat_model
     from vitune.models.gguf import model_source
-    from vitune.models.loading import adapter_base, check_safe_weights, load_tokenizer, model_source_name, same_model
+    from vitune.models.loading import adapter_base, check_adapter_base, load_tokenizer
 
     bot = load_chat_model(path, template=template, allow_pickle=allow_pickle)
     main_adapter = Path(model_source(path)) / "adapter_config.json"
@@ -47,20 +46,10 @@ def load_served_models(path: str, adapters: list[tuple[str, str]], name: Optiona
     served = [ServedModel(main_name, "default" if main_adapter.is_file() else BASE, bot.template, bot.stop_ids)]
     model = bot.model
     for key, folder in adapters:
-        run = Path(os.path.expanduser(folder))
-        settings = run / "adapter_config.json"
         if key in {m.name for m in served}:
             raise UserError(f"--adapter {key}={folder}: the name {key!r} is already served; choose another NAME")
-        if not settings.is_file():
-            what = "folder not found" if not run.is_dir() else "no adapter_config.json, so not a LoRA run"
-            raise UserError(f"--adapter {key}={folder}: {what}")
-        if (run / "config.yaml").is_file() and not (run / "summary.json").is_file():
-            raise UserError(f"--adapter {key}={folder} is an unfinished run (no summary.json): train it to the end first")
-        trained_on = adapter_base(settings)
-        if not same_model(trained_on, base) and not same_model(model_source_name(trained_on), model_source_name(base)):
-            raise UserError(f"--adapter {key}={folder} was trained on {trained_on}, not on the served base {base}; "
-                            "serve that base instead")
-        check_safe_weights(run, allow_pickle)
+        run = check_adapter_base(folder, base, allow_pickle, label=f"--adapter {key}={folder}",
+                                 base_label=f"the served base {base}", fix="serve that base instead")
         tokenizer = load_tokenizer(str(run))
         if len(tokenizer) != len(bot.tokenizer):
             raise UserError(f"--adapter {key}={folder}: its tokenizer has {len(tokenizer)} tokens, the served model's "

@@ -14,6 +14,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 from vitune.config import MethodConfig, ModelConfig
 from vitune.errors import UserError
@@ -214,24 +215,27 @@ def same_model(a: str, b: str) -> bool:
     return a.rstrip("/") == b.rstrip("/")
 
 
-def check_adapter_base(adapter: str, name_or_path: str, allow_pickle: bool) -> Path:
+def check_adapter_base(adapter: str, name_or_path: str, allow_pickle: bool, label: Optional[str] = None,
+                       base_label: Optional[str] = None, fix: Optional[str] = None) -> Path:
     """model.adapter: a LoRA adapter folder (or run folder holding one) made on model.name_or_path.
 
     Refused in one line when it is not one, or when it was trained on another base: its
-    weights would be applied to the wrong model (and, as a DPO reference, silently wrong)."""
+    weights would be applied to the wrong model (and, as a DPO reference, silently wrong).
+    `label`, `base_label` and `fix` word the message for another caller (vitune serve's --adapter)."""
+    label = label or f"model.adapter = {adapter}"
     folder = Path(os.path.expanduser(adapter))
     if not folder.is_dir():
-        raise UserError(f"model.adapter = {adapter}: folder not found (give a LoRA run folder such as runs/my-sft)")
+        raise UserError(f"{label}: folder not found (give a LoRA run folder such as runs/my-sft)")
     settings = folder / "adapter_config.json"
     if not settings.is_file():
         full = " (it is a full model: set model.name_or_path to it instead)" if (folder / "config.json").is_file() else ""
-        raise UserError(f"model.adapter = {adapter}: no adapter_config.json, so not a LoRA adapter{full}")
+        raise UserError(f"{label}: no adapter_config.json, so not a LoRA adapter{full}")
     if (folder / "config.yaml").is_file() and not (folder / "summary.json").is_file():
-        raise UserError(f"model.adapter = {adapter} is an unfinished run (no summary.json): train it to the end first")
+        raise UserError(f"{label} is an unfinished run (no summary.json): train it to the end first")
     base = adapter_base(settings)
     if not same_model(base, name_or_path) and not same_model(model_source_name(base), model_source_name(name_or_path)):
-        raise UserError(f"model.adapter = {adapter} was trained on {base}, not on model.name_or_path = {name_or_path}; "
-                        f"set model.name_or_path: {base}")
+        raise UserError(f"{label} was trained on {base}, not on {base_label or 'model.name_or_path = ' + name_or_path}; "
+                        f"{fix or 'set model.name_or_path: ' + base}")
     check_safe_weights(folder, allow_pickle)
     return folder
 
