@@ -67,6 +67,19 @@ def test_merge_with_dtype_bfloat16(lora_run, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
 
 
+def dequantised_copy(folder: Path):
+    """The model with every linear layer bitsandbytes quantises (all but lm_head) rounded to NF4 with
+    double quantisation and back, in fp32: the weights a QLoRA run trains against, exactly."""
+    import bitsandbytes.functional as bnbf
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            packed, state = bnbf.quantize_4bit(module.weight.data, quant_type="nf4", compress_statistics=True)
+            module.weight.data = bnbf.dequantize_4bit(packed, state).to(torch.float32)
+    return model
+
+
 def test_merged_qlora_equals_its_dequantised_4bit_base_plus_adapter(tiny_llama, tmp_path):
     from peft import PeftModel
     from transformers import BitsAndBytesConfig
@@ -75,18 +88,23 @@ def test_merged_qlora_equals_its_dequantised_4bit_base_plus_adapter(tiny_llama, 
     out = tmp_path / "merged"
     assert main(["merge", str(run), "--out", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out)
+    ids = AutoTokenizer.from_pretrained(out)("Sông Hồng chảy qua Hà Nội.")["input_ids"]
+    # what the run trained: the de-quantised 4-bit base + the adapter, built here independently
+    reference = PeftModel.from_pretrained(dequantised_copy(tiny_llama), run).eval()
+    gap = (logits(merged, ids) - logits(reference, ids)).abs().max()
+    assert gap < 1e-4, gap
+    # bitsandbytes' own 4-bit forward agrees within its kernels' precision: on CPUs with AVX512-BF16
+    # it multiplies in bf16 (measured gaps 0.008-0.02 on tiny models), elsewhere in fp32 (< 1e-3)
     four_bit = AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32))
-    reference = PeftModel.from_pretrained(four_bit, run).eval()  # what the run trained: 4-bit base + adapter
-    ids = AutoTokenizer.from_pretrained(out)("Sông Hồng chảy qua Hà Nội.")["input_ids"]
-    gap = (logits(merged, ids) - logits(reference, ids)).abs().max()
-    assert gap < 1e-3, gap  # stated tolerance for QLoRA: 1e-3 (fp32 de-quantisation against 4-bit matmuls)
+    in_4bit = PeftModel.from_pretrained(four_bit, run).eval()
+    assert (logits(merged, ids) - logits(in_4bit, ids)).abs().max() < 5e-2
     # the 16-bit original is further from what was trained
     original = tmp_path / "original"
     assert main(["merge", str(run), "--out", str(original), "--qlora-base", "original"]) == 0
     far = (logits(AutoModelForCausalLM.from_pretrained(original), ids) - logits(reference, ids)).abs().max()
-    assert far > 10 * gap
+    assert far > 100 * gap and far > 1e-3
 
 
 def test_the_two_stage_vocabulary_recipe_extend_pt_merge_then_lora(tiny_llama, tmp_path):
