@@ -276,3 +276,10 @@ def test_base_model_compares_with_another_model(tiny_llama, tiny_models, tmp_pat
     entry = result["files"][0]
     assert result["base"] == str(tiny_models["qwen2"]) and entry["rows_scored"] == 3
     assert entry["model"]["loss"] != entry["base"]["loss"] and entry["base"]["scored"] == 3
+
+
+def test_compare_refuses_a_file_that_is_not_an_eval_json(tmp_path, capsys):
+    (tmp_path / "a.json").write_text('{"files": [1, 2], "model": {"target": "x"}}')
+    (tmp_path / "b.json").write_text("[]")
+    assert main(["eval", "--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2
+    assert f"{tmp_path / 'a.json'} is not an eval.json written by vitune eval" in error_of(capsys)

@@ -23,8 +23,8 @@ HEADLINES = {
 
 
 def headline(figures: dict, key: str) -> Optional[float]:
-    value = figures.get(key)
-    return value["average"] if isinstance(value, dict) else value
+    value = figures.get(key) if isinstance(figures, dict) else None
+    return value.get("average") if isinstance(value, dict) else value
 
 
 def rows_of(result: dict, side: str) -> dict[tuple[str, str], float]:
@@ -34,14 +34,15 @@ def rows_of(result: dict, side: str) -> dict[tuple[str, str], float]:
         figures = entry.get(side)
         if not figures:
             continue
-        name = Path(entry["path"]).name
-        for key, _ in HEADLINES[entry["task"]]:
+        name = Path(str(entry.get("path", "?"))).name
+        for key, _ in HEADLINES.get(entry.get("task"), []):
             value = headline(figures, key)
-            if value is not None:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[(name, key)] = value
                 groups = figures[key].get("by_category", {}) if isinstance(figures.get(key), dict) else {}
                 for group, v in groups.items():
-                    out[(name, f"{key} · {group}")] = v
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        out[(name, f"{key} · {group}")] = v
     return out
 
 
@@ -123,7 +124,10 @@ def load(path: str) -> dict:
         raise UserError(f"--compare {path}: no eval.json there; run vitune eval on it first")
     try:
         result = json.loads(file.read_text(encoding="utf-8"))
-        result["files"], result["model"]["target"]  # noqa: B018 - the keys compare reads
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"--compare {path}: {file} is not an eval.json written by vitune eval") from None
+        shaped = (isinstance(result, dict) and isinstance(result.get("model"), dict) and "target" in result["model"]
+                  and isinstance(result.get("files"), list) and all(isinstance(f, dict) for f in result["files"]))
+    except (OSError, ValueError):
+        shaped = False
+    if not shaped:
+        raise UserError(f"--compare {path}: {file} is not an eval.json written by vitune eval")
     return result
