@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from vitune.cli import main
 
-from conftest import ROOT, train_run as train, write_config
+from conftest import ROOT, train_run as train
 
 ALPACA = ROOT / "data" / "alpaca_vi.jsonl"
 CORPUS = ROOT / "data" / "corpus_vi.jsonl"

@@ -93,7 +93,6 @@ def multiple_choice(scorer: Scorer, questions: list[mc.Question], shots: int = 0
             continue
         items.append((pairs[0][0], [cont for _, cont in pairs]))
         kept.append(q)
-    sums = []
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths share a batch
     by_index = {}
     for batch in _batches(order, scorer.batch_size):
