@@ -19,6 +19,8 @@ def test_example_config_is_valid(path, monkeypatch):
     config = load_config(path)
     for spec in config.data.train:
         assert Path(spec.path).exists(), spec.path
+    for path in config.eval.data if config.eval else []:
+        assert Path(path).exists(), path
 
 
 def test_the_quickstart_holds_out_20_rows_and_the_demo_finds_its_questions_among_them(monkeypatch):

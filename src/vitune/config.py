@@ -1,4 +1,5 @@
-"""The schema of one run: a YAML file in four sections (model, method, data, train).
+"""The schema of one run: a YAML file in four sections (model, method, data, train), plus the
+sections a stage or a feature adds (dpo, rl, eval).
 
 `load_config(path, overrides)` reads the YAML, applies `--set a.b=value` overrides and
 validates it. Every mistake becomes one `ConfigError` line naming the key path, the bad
@@ -286,6 +287,27 @@ class RlConfig(Section):
     temperature: float = Field(1.0, gt=0)
 
 
+# ---------------------------------------------------------------- evaluation while training
+
+EvalTask = Literal["auto", "multiple_choice", "conversations", "text", "preference"]
+
+
+class EvalConfig(Section):
+    """What `vitune eval` would score, scored on the model being trained: before the first step,
+    every train.eval_steps steps (without it: only before and after training) and after the last."""
+
+    data: list[str] = Field(min_length=1, description="Data files, as for vitune eval --data: multiple choice "
+                            "(VMLU's format), conversations / Alpaca rows, plain text or preference pairs.")
+    task: EvalTask = Field("auto", description="As vitune eval --task: auto = each file's rows decide.")
+    generate: bool = Field(False, description="Conversations: also generate greedy answers and score exact match, "
+                           "chrF and ROUGE-L (as vitune eval --generate; slower).")
+    shots: int = Field(0, ge=0, description="Multiple choice: k solved questions of the same subject before each one.")
+    limit: Optional[int] = Field(100, gt=0, description="Rows scored per file at each evaluation (the first ones; "
+                                 "null: all). Every evaluation scores them all, so keep it small.")
+    max_new_tokens: int = Field(64, gt=0, description="Longest generated answer (generate: true).")
+    batch_size: int = Field(8, gt=0, description="Sequences per forward pass of the evaluation.")
+
+
 class RunConfig(Section):
     model: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -293,6 +315,7 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     rl: Optional[RlConfig] = None
+    eval: Optional[EvalConfig] = None
 
     @model_validator(mode="after")
     def _method_rules(self) -> "RunConfig":
@@ -312,6 +335,14 @@ class RunConfig(Section):
                              "rl: {rewards: [{function: examples.rewards:vietnamese}]}")
         if stage != "rl" and self.rl is not None:
             raise ValueError(f"the rl section is only used with train.stage: rl (this run is stage {stage})")
+        if self.eval is not None:
+            if stage == "rm":
+                raise ValueError("the eval section scores a language model (vitune eval's tasks); a reward model "
+                                 "(train.stage: rm) is scored on held-out pairs: give them as data.eval")
+            if self.train.fsdp:
+                # rank 0 evaluates alone, and FSDP shards every weight across the ranks
+                raise ValueError("the eval section cannot run with train.fsdp (the weights are sharded across "
+                                 "processes); evaluate the finished run with vitune eval instead")
         if self.data.streaming:
             if stage != "pt":
                 raise ValueError(f"data.streaming is for continued pretraining (train.stage: pt), not stage {stage}")
@@ -483,8 +514,9 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         method.pop("lora", None)
     if train.get("stage", "sft") != "dpo":
         raw.pop("dpo", None)
-    if raw.get("rl") is None:
-        raw.pop("rl", None)
+    for optional in ("rl", "eval"):
+        if raw.get(optional) is None:
+            raw.pop(optional, None)
     return validate_config(raw, source=str(path))
 
 

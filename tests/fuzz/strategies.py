@@ -273,6 +273,9 @@ YAML_SNIPPETS = [
     "model: {name_or_path: !!binary aGVsbG8=}\ndata: {train: [{path: @DATA@}]}\n",
     "model: {name_or_path: @MODEL@}\ndata: {train: [{path: @DATA@}]}\ntrain: {output_dir: 2024-01-01}\n",
     "model: {name_or_path: @MODEL@}\ndata: {train: !!set {a, b}}\n",
+    "model: {name_or_path: @MODEL@}\ndata: {train: [{path: @DATA@}]}\neval: {data: [@DATA@], limit: 1}\n",
+    "model: {name_or_path: @MODEL@}\ndata: {train: [{path: @DATA@}]}\neval: {data: @DATA@}\n",
+    "model: {name_or_path: @MODEL@}\ndata: {train: [{path: @DATA@}]}\neval: {data: [@DATA@, @DATA@]}\n",
     "? [a, b]\n: c\n",
     "1: 2\ntrue: false\n~: x\n",
     "model: {1: 2, null: 3, true: 4}\ndata: {train: [{path: @DATA@}]}\n",
@@ -294,7 +297,7 @@ def config_text(draw) -> bytes:
             cfg = draw(mutated(cfg))
         text = yaml.safe_dump(cfg, allow_unicode=draw(st.booleans()))
     elif kind == "random":
-        text = yaml.safe_dump(draw(json_values | st.dictionaries(st.sampled_from(["model", "method", "data", "train"]), json_values)))
+        text = yaml.safe_dump(draw(json_values | st.dictionaries(st.sampled_from(["model", "method", "data", "train", "eval"]), json_values)))
     elif kind == "text":
         text = draw(st.text(max_size=60))
     elif kind == "snippet":
@@ -314,6 +317,7 @@ KEY_PATHS = [
     "data.normalize.unicode", "data.cache_dir", "data.num_proc", "train.epochs", "train.learning_rate",
     "train.output_dir", "train.overwrite", "train.resume", "train.report_to", "train.report_to.0", "train.deepspeed", "train.seed",
     "train.micro_batch_size", "train.gradient_checkpointing", "model", "data", "train", "method",
+    "eval", "eval.data", "eval.data.0", "eval.task", "eval.limit", "eval.generate", "eval.shots",
 ]
 SET_VALUES = [
     "", "null", "~", "true", "no", "1e-4", "1E5", "1e400", "-1", "0", "0x10", "inf", ".nan", ".", "e", "3.5", "[1, 2",

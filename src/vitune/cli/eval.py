@@ -65,9 +65,11 @@ def eval_(
     written = report.save(result, out or report.default_out(target))
     console.print(f"wrote {escape(str(written))}")
     if (Path(target) / "metrics.jsonl").is_file():  # a run folder: its training and held-out loss curves
-        from vitune.eval.plot import plot_run
+        from vitune.eval.plot import TASK_PREFIX, plot_evaluations, plot_run, read_curves
 
         try:
             console.print(f"wrote {escape(str(plot_run(Path(target))))}")
         except UserError as exc:  # a run that logged no loss yet: the figures above still stand
             console.print(f"no loss plot: {escape(str(exc))}")
+        if any(key.startswith(TASK_PREFIX) for key in read_curves(Path(target) / "metrics.jsonl")):
+            console.print(f"wrote {escape(str(plot_evaluations(Path(target))))}")  # its evaluations while training

@@ -66,6 +66,11 @@ def train(
     if s.get("eval_loss_end") is not None:
         before = f"{s['eval_loss_start']:.4f} -> " if s.get("eval_loss_start") is not None else ""
         console.print(f"held-out loss {before}{s['eval_loss_end']:.4f}")
+    if s.get("evaluation"):  # the eval section's figures, before training (or the first kept) and at the end
+        from vitune.train.trainer import task_line
+
+        figures = {key: (v["first"], v["last"]) for key, v in s["evaluation"].items()}
+        console.print(f"eval: {escape(task_line(figures))}")
     if s.get("eval_bits_per_char_end") is not None:
         before = f"{s['eval_bits_per_char_start']:.4f} -> " if s.get("eval_bits_per_char_start") is not None else ""
         console.print(f"held-out bits per character {before}{s['eval_bits_per_char_end']:.4f}")

@@ -1,8 +1,9 @@
 """Loss curves of training runs as PNG images.
 
 In: a run folder's metrics.jsonl (one JSON object a line: training lines with loss, learning_rate,
-...; evaluation lines with eval_loss and other eval_* keys). Out: {key: [(step, value), ...]}
-(read_curves), or a PNG of one run (plot_run) or of several runs overlaid (plot_runs).
+...; evaluation lines with eval_loss and other eval_* keys, and the figures of evaluations while
+training, eval/<file>/<figure>). Out: {key: [(step, value), ...]} (read_curves), or a PNG of one run
+(plot_run: losses; plot_evaluations: the eval/ figures) or of several runs overlaid (plot_runs).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 from vitune.errors import DISK_ERRNOS, DiskError, UserError
+from vitune.eval.runner import TASK_PREFIX
 
 METRICS = "metrics.jsonl"
 SIZE, DPI = (8.0, 6.0), 100  # 800 x 600 pixels: readable on a screen and in a README
@@ -84,6 +86,35 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     else:
         ax.set_xlabel("step")
     return _save(fig, Path(out) if out is not None else run_dir / "loss.png")
+
+
+def plot_evaluations(run_dir: Path, out: Path | None = None) -> Path:
+    """Write a PNG (default run_dir / "eval_curves.png") of the evaluations while training: one small
+    axes per figure (eval/vmlu_vi/acc, eval/qa_vi_eval/chrf, ...), as each has its own scale.
+    Raises UserError if metrics.jsonl has no such figure."""
+    run_dir = Path(run_dir)
+    curves = {k: v for k, v in _curves_of(run_dir).items() if k.startswith(TASK_PREFIX)}
+    if not curves:
+        raise UserError(f"{run_dir}: {METRICS} has no evaluation while training (eval/<file>/<figure>); "
+                        "add an eval: section to the run config")
+    plt = _pyplot()
+    columns = min(3, len(curves))
+    rows = -(-len(curves) // columns)
+    fig, axes = plt.subplots(rows, columns, sharex=True, squeeze=False, figsize=(SIZE[0], max(SIZE[1], 2.2 * rows)),
+                             dpi=DPI)
+    for i, (key, points) in enumerate(curves.items()):
+        ax = axes[i // columns][i % columns]
+        name, _, figure = key[len(TASK_PREFIX):].rpartition("/")
+        ax.plot(*zip(*points), color=f"C{i % 10}", marker="o", markersize=3, linewidth=1.2)
+        ax.set_title(f"{name}: {figure}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for i in range(len(curves), rows * columns):
+        axes[i // columns][i % columns].set_visible(False)
+    for i in range(max(0, len(curves) - columns), len(curves)):  # the lowest axes of each column
+        axes[i // columns][i % columns].set_xlabel("step")
+        axes[i // columns][i % columns].xaxis.set_tick_params(labelbottom=True)
+    fig.suptitle(f"{run_dir.resolve().name}: evaluations while training")
+    return _save(fig, Path(out) if out is not None else run_dir / "eval_curves.png")
 
 
 def plot_runs(run_dirs: list[Path], out: Path, key: str = "loss") -> Path:

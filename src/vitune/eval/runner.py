@@ -7,6 +7,10 @@ task comes from its rows (multiple choice, conversations / Alpaca, plain text, p
 unless `task` says; rows that cannot be scored are counted with their file and line
 (read = scored + rejected). An adapter run is also scored with its adapter switched off, which is
 its base model ("did fine-tuning help?") without loading anything twice.
+
+The steps from files to figures are shared with evaluation during training (vitune.train.evaluation):
+`read_files` (rows, limit), `make_scorer` (a model in memory), `score_rows` (one file's figures) and
+`headline` (the numbers a curve is drawn of).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from vitune.eval import multiple_choice as mc
 from vitune.eval import tasks
 
 TASKS = ("auto", "multiple_choice", "conversations", "text", "preference")
+# how figures are named in a run's metrics.jsonl when scored during training: eval/<file stem>/<figure>
+TASK_PREFIX = "eval/"
 
 
 @dataclass
@@ -125,12 +131,7 @@ def evaluate(target: str, paths: list[str], task: str = "auto", base: str = "aut
     from vitune.infer.chat import load_chat_model
     from vitune.models.reward import RewardScorer
 
-    if task not in TASKS:
-        raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
-    files = [read_file(p, task) for p in paths]  # bad data fails before the model loads
-    if limit is not None:
-        for f in files:
-            f.items = f.items[:limit]
+    files = read_files(paths, task, limit)  # bad data fails before the model loads
     if not any(f.items for f in files):
         reasons = "; ".join(f"{f.path}: {f.rows_read} read, {len(f.rejections)} rejected" for f in files)
         first = next((r.line() for f in files for r in f.rejections), None)
@@ -144,11 +145,12 @@ def evaluate(target: str, paths: list[str], task: str = "auto", base: str = "aut
         bot = None
     else:
         bot = load_chat_model(target, template=template)
-    scorer = _scorer(bot, batch_size) if bot else None
+    scorer = make_scorer(bot.model, bot.tokenizer, bot.template, batch_size, bot.stop_ids) if bot else None
     compare = _base_switch(bot.model, base) if bot else None  # (name, switch) for an adapter run's own base
     other = None
     if base not in ("auto", "none") and bot:  # another model: loaded once, scored with its own template
-        other = _scorer(load_chat_model(base), batch_size) if bot else None
+        other_bot = load_chat_model(base)
+        other = make_scorer(other_bot.model, other_bot.tokenizer, other_bot.template, batch_size, other_bot.stop_ids)
         compare = (base, contextlib.nullcontext)
     result = {"vitune": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "model": model_identity(target, bot.model if bot else reward_model.model), "base": compare[0] if compare else None,
@@ -168,8 +170,8 @@ def evaluate(target: str, paths: list[str], task: str = "auto", base: str = "aut
             if not f.items:
                 break
             with switch():
-                figures, dropped = _score(who, f, shots, generate, max_new_tokens, reward_model,
-                                          _reference(scorer, other, compare))
+                figures, dropped = score_rows(who, f, shots, generate, max_new_tokens, reward_model,
+                                              _reference(scorer, other, compare))
             entry[name] = figures
             if name == "model":
                 rejected += dropped
@@ -181,10 +183,48 @@ def evaluate(target: str, paths: list[str], task: str = "auto", base: str = "aut
     return result
 
 
-def _scorer(bot, batch_size: int) -> tasks.Scorer:
-    config = getattr(bot.model, "config", None)
+def read_files(paths: list[str], task: str = "auto", limit: Optional[int] = None) -> list[FileRows]:
+    """The rows of each file for `task`, the first `limit` scorable ones of each (None: all)."""
+    if task not in TASKS:
+        raise UserError(f"--task {task!r}: choose one of {', '.join(TASKS)}")
+    files = [read_file(p, task) for p in paths]
+    if limit is not None:
+        for f in files:
+            f.items = f.items[:limit]
+    return files
+
+
+def make_scorer(model, tokenizer, template, batch_size: int, stop_ids: Optional[list[int]] = None) -> tasks.Scorer:
+    """A Scorer of a model in memory; answers stop where `vitune chat` stops them (stop_ids by default)."""
+    from vitune.data.templates import stop_token_ids
+
+    config = getattr(model, "config", None)
     context = int(min(getattr(config, "max_position_embeddings", None) or 2048, 10**7))
-    return tasks.Scorer(bot.model, bot.tokenizer, bot.template, bot.stop_ids, context, batch_size)
+    stops = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, template)
+    return tasks.Scorer(model, tokenizer, template, stops, context, batch_size)
+
+
+def adapter_reference(scorer: tasks.Scorer):
+    """An adapter model's implicit-reward reference: the same model with its adapter off (None without one)."""
+    return _reference(scorer, None, _base_switch(scorer.model, "auto"))
+
+
+# the counts beside the figures, not figures to follow over training
+_COUNTS = ("scored", "tokens", "characters", "unanswered", "samples")
+
+
+def headline(figures: dict) -> dict[str, float]:
+    """The numbers of a file's figures a curve can follow: {"acc": 0.25, "acc_norm": 0.3, ...}
+    (an accuracy table by its average; counts and samples left out)."""
+    out = {}
+    for key, value in figures.items():
+        if key in _COUNTS:
+            continue
+        if isinstance(value, dict):
+            value = value.get("average")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
 
 
 def _reference(scorer, other, compare):
@@ -199,7 +239,10 @@ def _reference(scorer, other, compare):
     return None
 
 
-def _score(scorer, f: FileRows, shots, generate, max_new_tokens, reward_model, reference):
+def score_rows(scorer: tasks.Scorer, f: FileRows, shots: int = 0, generate: bool = False, max_new_tokens: int = 256,
+               reward_model=None, reference=None) -> tuple[dict, list[Rejection]]:
+    """One file's figures, by its task, and the rows that could not be scored. Preference pairs need
+    `reward_model` (a RewardScorer) or `reference` (answer log-probabilities of the reference model)."""
     if f.task == "multiple_choice":
         return tasks.multiple_choice(scorer, f.items, shots=shots)
     if f.task == "conversations":

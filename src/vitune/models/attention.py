@@ -87,6 +87,21 @@ AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
 AttentionMaskInterface.register(PACKED_SDPA, flash_attention_mask)
 
 
+@contextmanager
+def unpacked_attention(model):
+    """Within `packed_attention`, a block that runs the model on ordinary padded batches (an
+    evaluation during training): plain SDPA, which takes the padding mask, then back."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if base.config._attn_implementation != PACKED_SDPA:
+        yield
+        return
+    base.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(PACKED_SDPA)
+
+
 def supports_packing(model) -> bool:
     """Does the architecture route attention through AttentionInterface (and so take row
     boundaries)? Llama, Mistral, Qwen2 and most recent ones do; BLOOM (ALiBi) does not."""

@@ -14,6 +14,9 @@ The speed plan (`plan_speed`) is decided once, before anything is written: packi
 end to end, attention kept within each row), attention kernel, Liger kernels and activation
 checkpointing (on a GPU) -- and printed.
 
+With an `eval:` section, vitune eval's tasks score the model while it trains (train/evaluation.py):
+their files are read and checked with the data, and their figures go into metrics.jsonl and the summary.
+
 The run folder holds config.yaml (resolved), data_report.json, metrics.jsonl, tensorboard/, then
 at the end the adapter (or full model), the tokenizer with the chat template used in training,
 and summary.json. summary.json is written last: a folder without it is an unfinished run.
@@ -220,6 +223,7 @@ class PreparedRun:
     model_config: object
     fingerprint: dict
     resume_from: Path | None
+    evaluation: object = None  # the eval section's files, read and checked (train/evaluation.py EvalPlan)
 
 
 def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
@@ -250,6 +254,14 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
     check_max_length(config, model_config)
     with state.main_process_first():  # rank 0 fills the cache, the others read it
         train_rows, eval_rows, report = stage.prepare_data(config, tokenizer, template)
+    evaluation = None
+    if config.eval is not None:  # evaluation while training: a bad file fails here, before the model loads
+        from vitune.train.evaluation import prepare_evaluation
+
+        evaluation = prepare_evaluation(config, tokenizer, template)
+        console.print("eval: " + ", ".join(f"{f.name} ({len(f.rows.items)} {f.rows.task} rows)" for f in evaluation.files)
+                      + (f" every {config.train.eval_steps} steps," if config.train.eval_steps else "")
+                      + " before training and at the end")
     if report.from_cache:
         console.print(f"data: reusing prepared data from the cache ({escape(str(report.cached_at))})")
     console.print(stage.data_line(report, train_rows, eval_rows, template))
@@ -265,7 +277,7 @@ def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
         check_fingerprint(resume_from, run_fingerprint, config.train.resume_strict)
         console.print(f"resuming from {escape(str(resume_from))}")
     return PreparedRun(stage, tokenizer, template, train_rows, eval_rows, report, model_config, run_fingerprint,
-                       resume_from)
+                       resume_from, evaluation)
 
 
 def run_training(config: RunConfig, console: Console | None = None) -> TrainResult:
@@ -318,7 +330,7 @@ def _run(config: RunConfig, console: Console | None = None) -> TrainResult:
 
     trainer, summary = fit(config, model, prepared.train_rows, prepared.eval_rows, out, plan, console, tokenizer,
                            resume_from=resume_from, checkpoint_marker=(run_fingerprint, dump_config(config)),
-                           stage=stage, template=template)
+                           stage=stage, template=template, evaluation=prepared.evaluation)
     if summary.get("stopped_by"):
         raise RunInterrupted(summary["stopped_by"], out, trainer.state.global_step)
     full_weights = gather_full_weights(trainer)  # FSDP: every rank joins the gather; None otherwise
@@ -343,11 +355,12 @@ def _run(config: RunConfig, console: Console | None = None) -> TrainResult:
 
 def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedPlan, console: Console,
         tokenizer=None, pad_token_id: int | None = None, resume_from: Path | None = None,
-        checkpoint_marker: tuple | None = None, stage=None, template=None):
+        checkpoint_marker: tuple | None = None, stage=None, template=None, evaluation=None):
     """Train `model` on the stage's tokenised rows (packed or padded, as planned) -> (trainer, summary).
 
     Writes metrics.jsonl (and tensorboard) into `out`; saves nothing else. Benchmarks call
-    this directly with a model built in memory (the stage defaults to sft).
+    this directly with a model built in memory (the stage defaults to sft). `evaluation`
+    (train/evaluation.py prepare_evaluation of config.eval) is scored while training.
     """
     from contextlib import nullcontext
 
@@ -355,6 +368,7 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
 
     from vitune.models.attention import packed_attention
     from vitune.train.checkpoint import StopOnSignal, checkpoint_step
+    from vitune.train.progress import ProgressFile
     from vitune.train.sharding import ShardingReport
     from vitune.train.stages import stage_for
     from vitune.train.telemetry import peak_memory_gib
@@ -374,11 +388,16 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         eval_dataset=batches.eval or None,
         data_collator=batches.collator,
         processing_class=tokenizer,
-        callbacks=[metrics, RichProgress(console, stage.progress_fields), stop, ShardingReport(out)],
+        callbacks=[metrics, RichProgress(console, stage.progress_fields), stop, ShardingReport(out),
+                   ProgressFile(out / "progress.json")],
         checkpoint_marker=checkpoint_marker,
         template=template,
     )
     trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts
+    if evaluation is not None:
+        from vitune.train.evaluation import TrainingEvaluation
+
+        TrainingEvaluation(config.eval, evaluation, tokenizer, config.train.eval_steps).attach(trainer)
     packed = plan.packing and stage.packed_forward
     started = time.perf_counter()
     stop.install()
@@ -387,7 +406,7 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
             trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
         stop.uninstall()
-    seconds = time.perf_counter() - started - metrics.eval_seconds
+    seconds = time.perf_counter() - started - metrics.eval_seconds - trainer.seconds_not_training
     if batches.eval and not stop.received and (not metrics.evals or metrics.evals[-1][0] != trainer.state.global_step):
         # eval_strategy "epoch" misses the end of a run cut short by max_steps; the end is what counts
         with packed_attention(model) if packed else nullcontext():
@@ -422,6 +441,8 @@ def fit(config: RunConfig, model, train_rows, eval_rows, out: Path, plan: SpeedP
         logged = [r[key] for r in metrics.train_records if key in r]
         if logged:
             summary[f"{key.replace('/', '_')}_first"], summary[f"{key.replace('/', '_')}_last"] = logged[0], logged[-1]
+    if metrics.task_records:  # evaluations while training: each figure's first and last value
+        summary["evaluation"] = metrics.task_summary()
     if stop.received:
         summary["stopped_by"] = stop.received
     return trainer, summary

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from vitune.eval.runner import TASK_PREFIX  # eval/<file>/<figure>: evaluations while training (train/evaluation.py)
 from vitune.train.telemetry import FlopsModel, flops_model, peak_flops, peak_memory_gib
 
 
@@ -33,6 +34,7 @@ class VituneTrainerMixin:
         self.model_flops = 0.0
         self._window = [0, 0, 0.0]  # real tokens, slots, FLOPs since the last log
         self._window_start = time.perf_counter()
+        self.seconds_not_training = 0.0  # spent on evaluations between steps (log_evaluation)
         # a stage's own metrics, per micro-batch since the last log: {"train"|"eval": {key: [(sum, count)]}}
         self._stage_metrics: dict[str, dict[str, list[tuple[float, int]]]] = {"train": {}, "eval": {}}
 
@@ -52,6 +54,15 @@ class VituneTrainerMixin:
                 out[key if mode == "train" else f"eval_{key}"] = round(float(total[0] / total[1]), 6)
         self._stage_metrics[mode] = {}
         return out
+
+    def log_evaluation(self, figures: dict, seconds: float) -> None:
+        """Log the figures of an evaluation between steps (train/evaluation.py) to every logging
+        callback, as transformers' Trainer logs: without the window's speed or a stage's (or TRL's)
+        own metrics, which belong to the next training log. Its `seconds` are left out of tokens/s
+        and of the run's seconds."""
+        self._window_start += seconds
+        self.seconds_not_training += seconds
+        Trainer.log(self, figures)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -203,7 +214,8 @@ class _NothingLeftToTrain(TrainerCallback):
 
 
 class MetricsFile(TrainerCallback):
-    """One JSON object per logged step in metrics.jsonl (rank 0 only)."""
+    """One JSON object per logged step in metrics.jsonl (rank 0 only): the fixed KEYS, a stage's own
+    keys, and the figures of evaluations while training (eval/<file>/<figure>, in lines of their own)."""
 
     KEYS = ("loss", "learning_rate", "grad_norm", "real_tokens", "tokens_per_s", "padding_fraction", "tflops", "mfu",
             "peak_memory_gib", "eval_loss")
@@ -217,6 +229,7 @@ class MetricsFile(TrainerCallback):
         self.evals: list[tuple[int, float]] = []  # (step, held-out loss)
         self.eval_records: list[dict] = []  # every held-out record, for the stage's metrics
         self.eval_seconds = 0.0  # time spent evaluating, which is not training speed
+        self.task_records: list[dict] = []  # every evaluation while training: {"step": n, "eval/<file>/<figure>": x}
         if resume_step is not None and path.is_file():
             # a resumed run logs the steps after its checkpoint again: drop the old ones
             kept = [line for line in path.read_text(encoding="utf-8").splitlines()
@@ -227,6 +240,8 @@ class MetricsFile(TrainerCallback):
                 if "eval_loss" in record:
                     self.evals.append((record["step"], record["eval_loss"]))
                     self.eval_records.append(record)
+                if any(key.startswith(TASK_PREFIX) for key in record):
+                    self.task_records.append(record)
 
     def eval_value(self, key: str, first: bool = False):
         """A held-out metric at the first evaluation (before training: step 0) or the last one."""
@@ -236,6 +251,16 @@ class MetricsFile(TrainerCallback):
             record = self.eval_records[-1] if self.eval_records else {}
         return record.get(key)
 
+    def task_summary(self) -> dict:
+        """{eval/<file>/<figure>: {first, first_step, last, last_step}} of the evaluations while training."""
+        out: dict = {}
+        for record in self.task_records:
+            for key, value in record.items():
+                if key.startswith(TASK_PREFIX):
+                    entry = out.setdefault(key, {"first": value, "first_step": record["step"]})
+                    entry.update(last=value, last_step=record["step"])
+        return out
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs:
             return
@@ -244,8 +269,11 @@ class MetricsFile(TrainerCallback):
             return
         record = {"step": state.global_step}
         record.update({k: logs[k] for k in self.keys if k in logs})
+        record.update({k: v for k, v in logs.items() if k.startswith(TASK_PREFIX)})
         if len(record) == 1:
             return
+        if any(key.startswith(TASK_PREFIX) for key in record):
+            self.task_records.append(record)
         if "loss" in record:
             self.losses.append((state.global_step, record["loss"]))
             self.train_records.append(record)
@@ -291,6 +319,8 @@ class RichProgress(TrainerCallback):
             self.progress.update(self.task, completed=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.task is not None and logs and any(key.startswith(TASK_PREFIX) for key in logs):
+            self.progress.console.print(f"eval step {state.global_step}: {task_line(logs)}", highlight=False)
         if self.task is None or not logs or "loss" not in logs:
             return
         self.progress.update(
@@ -307,3 +337,16 @@ class RichProgress(TrainerCallback):
         if self.task is not None:
             self.progress.stop()
             self.task = None
+
+
+def task_line(figures: dict) -> str:
+    """{eval/vmlu_vi/acc: 0.25, eval/vmlu_vi/acc_norm: 0.3, eval/qa/loss: 2.1} -> "vmlu_vi acc 0.2500
+    acc_norm 0.3000 | qa loss 2.1000"; values may be (first, last) pairs, shown as "first -> last"."""
+    by_file: dict[str, list[str]] = {}
+    for key, value in figures.items():
+        if not key.startswith(TASK_PREFIX):
+            continue
+        name, _, figure = key[len(TASK_PREFIX):].rpartition("/")
+        shown = f"{value[0]:.4f} -> {value[1]:.4f}" if isinstance(value, tuple) else f"{value:.4f}"
+        by_file.setdefault(name, []).append(f"{figure} {shown}")
+    return " | ".join(f"{name} {' '.join(parts)}" for name, parts in by_file.items())
