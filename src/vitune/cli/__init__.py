@@ -41,6 +41,7 @@ from vitune.cli import merge as _merge  # noqa: E402,F401
 from vitune.cli import score as _score  # noqa: E402,F401
 from vitune.cli import serve as _serve  # noqa: E402,F401
 from vitune.cli import train as _train  # noqa: E402,F401
+from vitune.cli import ui as _ui  # noqa: E402,F401
 from vitune.cli import vocab as _vocab  # noqa: E402,F401
 
 

@@ -17,8 +17,6 @@ data_app = typer.Typer(help="Inspect and convert datasets.", no_args_is_help=Tru
 app.add_typer(data_app, name="data")
 
 
-STREAM_PREVIEW = 200  # bins of a stream that `data inspect` reads
-
 
 @data_app.command(
     help=(
@@ -34,29 +32,14 @@ def inspect(
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a key (repeatable)", show_default=False),
 ) -> None:
     from vitune.config import load_config
-    from vitune.data.inspect import render_row, sequences_of, statistics
+    from vitune.data.inspect import render_row, sequences_of
     from vitune.data.preference import TokenizedPair
-    from vitune.data.templates import resolve_template
-    from vitune.models.loading import load_tokenizer
-    from vitune.train.stages import stage_for
+    from vitune.train.stages import inspect_data
 
     cfg = load_config(config, set_ or [])
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    stage = stage_for(cfg)  # the data as the run's stage reads it: conversations, preference pairs, ...
-    template = resolve_template(cfg.model.template, tokenizer) if stage.uses_template else None
-    rows, eval_rows, report = stage.prepare_data(cfg, tokenizer, template)
+    seen = inspect_data(cfg)
+    stats, rows, tokenizer, template, report = seen.stats, seen.rows, seen.tokenizer, seen.template, seen.report
     streamed = cfg.data.streaming
-    if streamed:  # a stream has no end to count to: show and measure its first bins
-        from itertools import islice
-
-        from vitune.data.tokenize import TokenizedRow
-
-        rows = [TokenizedRow(b["input_ids"], b["labels"]) for b in islice(iter(rows), STREAM_PREVIEW)]
-    stats = statistics(report, rows, eval_rows)
-    stats["template"] = template.name if template else None
-    stats["template_notices"] = list(template.notices) if template else []
-    if streamed:
-        stats["streaming_preview_bins"] = len(rows)
     if as_json:
         typer.echo(json.dumps(stats, ensure_ascii=False))
         return
@@ -88,6 +71,10 @@ def inspect(
     p = stats["length_percentiles"]
     if p:
         table.add_row("sequence length p50 / p90 / p99 / max", f"{p['p50']} / {p['p90']} / {p['p99']} / {p['max']}")
+    if stats["packing_efficiency"] is not None:
+        table.add_row(f"packing efficiency (bins of {cfg.data.max_length})", f"{stats['packing_efficiency']:.1%}")
+    for path, counts in stats["formats"].items():
+        table.add_row(f"  format of {escape(path)}", ", ".join(f"{k} {v}" for k, v in counts.items()))
     console.print(table)
     for notice in stats["template_notices"]:
         console.print(f"[yellow]notice[/] template: {notice}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 from rich.text import Text
 
+from vitune.data.packing import pack_rows, packing_efficiency
 from vitune.data.pipeline import DataReport
 from vitune.data.tokenize import IGNORE, TokenizedRow
 
@@ -35,12 +36,17 @@ def length_percentiles(rows: list) -> dict[str, int]:
     return out
 
 
-def statistics(report: DataReport, rows: list[TokenizedRow], eval_rows: list[TokenizedRow]) -> dict:
-    """The JSON of `vitune data inspect --json`."""
+def statistics(report: DataReport, rows: list[TokenizedRow], eval_rows: list[TokenizedRow],
+               packed_length: int | None = None) -> dict:
+    """The JSON of `vitune data inspect --json`. With `packed_length` (data.packing on), also the
+    share of token slots the training rows fill when packed into bins of that many tokens."""
     stats = report.summary()
     stats["train_rows"] = len(rows)
     stats["eval_rows"] = len(eval_rows)
     stats["length_percentiles"] = length_percentiles(rows)
+    sequences = [r for r in rows if isinstance(r, TokenizedRow)]
+    stats["packing_efficiency"] = (round(packing_efficiency(pack_rows(sequences, packed_length), packed_length), 4)
+                                   if packed_length and sequences and len(sequences) == len(rows) else None)
     stats["first_rejections"] = [r.line() for r in report.rejections[:5]]
     return stats
 

@@ -38,6 +38,7 @@ class DataReport:
     rows_split: int = 0  # pretraining documents longer than max_length, split into chunks (none dropped)
     eval_characters: int = 0  # characters of the held-out pretraining text (for bits per character)
     rejections: list[Rejection] = field(default_factory=list)
+    formats: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> {format (given or detected): rows}
     total_tokens: int = 0
     trained_tokens: int = 0
     cached_at: Optional[Path] = field(default=None, compare=False)  # the cache entry used or written
@@ -70,6 +71,7 @@ class DataReport:
             "system_prompts_folded": self.system_prompts_folded,
             "system_prompts_dropped": self.system_prompts_dropped,
             "rows_split": self.rows_split,
+            "formats": self.formats,
             "total_tokens": self.total_tokens,
             "trained_tokens": self.trained_tokens,
             "trained_token_fraction": round(self.trained_token_fraction, 4),
@@ -133,6 +135,8 @@ def formatted_rows(spec: DatasetSpec, report: DataReport, formats: str, kept=Non
                 f"cannot tell the format from the fields ({keys}); set format: {formats}, "
                 "or map your fields with columns", raw.row))
             continue
+        counts = report.formats.setdefault(spec.path, {})
+        counts[row_format] = counts.get(row_format, 0) + 1
         yield raw, row_format
 
 

@@ -1,0 +1,558 @@
+"""`vitune ui`: the whole path in a browser page (Gradio), on the CLI's own functions.
+
+Every tab calls what its command calls (data inspection, config validation, the estimate and
+advice, `vitune train` as a process, chat, eval, merge and GGUF export); the page adds only
+layout, the language switch and polling. A user mistake comes back as the CLI's one-line
+message, shown next to its field; anything else is shown as one line too, and the server keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from vitune.errors import UserError
+from vitune.ui import forms, jobs
+from vitune.ui.text import LANGUAGES, t
+
+CSS = ".vitune-error {color: #b91c1c; font-weight: 600} .vitune-error p {margin: 0}"
+DEVICES = ["CPU", "T4", "L4", "RTX4090", "A100", "H100", "H200"]
+QUANTS = ["f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]
+CURVES = {  # plot: the metrics.jsonl keys it draws
+    "plot_loss": ("loss", "eval_loss"),
+    "plot_lr": ("learning_rate",),
+    "plot_speed": ("tokens_per_s",),
+    "plot_reward": ("rewards/accuracy", "rewards/margin", "eval_rewards/accuracy", "eval_rewards/margin"),
+}
+
+
+def one_line(exc: BaseException) -> str:
+    """A UserError's own line; anything else as its type and first line (the page never shows a traceback)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def error_md(message: str, lang: str) -> str:
+    return f"**{t('error', lang)}:** {message}" if message else ""
+
+
+class Ui:
+    """The server's state: one training process at a time, started from this page."""
+
+    def __init__(self, root: Path, lang: str):
+        self.root = Path(root)
+        self.lang = lang
+        self.job: jobs.TrainingJob | None = None
+        self.lock = threading.Lock()
+        self.chat_models: dict[str, object] = {}
+
+    # ------------------------------------------------------------- data tab
+
+    def inspect(self, model, template, files, uploads, max_length, packing, n, lang):
+        from vitune.data.inspect import token_pieces
+        from vitune.data.preference import TokenizedPair
+
+        paths = "\n".join([files or ""] + [str(u) for u in (uploads or [])])
+        raw = forms.inspection_config(model, template, paths, max_length, packing)
+        try:
+            from vitune.config import validate_config
+            from vitune.train.stages import inspect_data
+
+            if not raw["data"]["train"]:
+                raise UserError("data.train: give at least one data file or folder")
+            seen = inspect_data(validate_config(raw, source="form"))
+        except Exception as exc:
+            return error_md(one_line(exc), lang), None, "", []
+        s = seen.stats
+        lines = [f"| {t('tab_data', lang)} | |", "|---|---|",
+                 f"| {t('rows', lang)} | {s['rows_read']} / {s['rows_kept']} / {s['rows_rejected']} |"]
+        for reason, count in s["rejected_by_reason"].items():
+            lines.append(f"| &nbsp;&nbsp;{t('rejected_by', lang)}: {reason} | {count} |")
+        lines.append(f"| {t('truncated', lang)} | {s['rows_truncated']} |")
+        lines.append(f"| {t('train_eval_rows', lang)} | {s['train_rows']} / {s['eval_rows']} |")
+        lines.append(f"| {t('tokens', lang)} | {s['total_tokens']:,} ({s['trained_token_fraction']:.1%}) |")
+        p = s["length_percentiles"]
+        if p:
+            lines.append(f"| {t('lengths', lang)} | {p['p50']} / {p['p90']} / {p['p99']} / {p['max']} |")
+        if s["packing_efficiency"] is not None:
+            lines.append(f"| {t('packing_eff', lang)} | {s['packing_efficiency']:.1%} |")
+        for path, counts in s["formats"].items():
+            kinds = ", ".join(f"{k} {v}" for k, v in counts.items())
+            lines.append(f"| {t('detected', lang)}: {Path(path).name} | {kinds} |")
+        if s["template"]:
+            lines.append(f"| template | {s['template']} |")
+        summary = "\n".join(lines)
+        for notice in s["template_notices"]:
+            summary += f"\n\n> notice: template: {notice}"
+        rejected = pd.DataFrame([{"file:line": r.source, "reason": r.reason, "detail": r.detail}
+                                 for r in seen.report.rejections[:20]], columns=["file:line", "reason", "detail"])
+        shown, header = [], []
+        for i, row in enumerate(seen.rows[: int(n or 0)]):
+            sequences = row.sequences if isinstance(row, TokenizedPair) else [row]
+            for seq in sequences:
+                trained = sum(label != -100 for label in seq.labels)
+                header.append(t("row_of", lang, i=i + 1, n=len(seen.rows), tokens=len(seq.input_ids), trained=trained))
+                label = "trained"  # shown by colour alone (no legend): the same in both languages
+                shown += [(f"\n[{header[-1]}]\n", None)] + [(text, label if on else None)
+                                                           for text, on in token_pieces(seen.tokenizer, seq)]
+        return summary, rejected, "", shown
+
+    # ------------------------------------------------------------- train tab
+
+    def check_form(self, lang, device, *values):
+        checked = forms.check(dict(zip(forms.FIELDS, values)))
+        errors = [error_md(checked.message, lang) if key == checked.field else "" for key in forms.FIELDS]
+        general = error_md(checked.message, lang) if checked.message and checked.field is None else (
+            t("valid", lang) if checked.config else "")
+        advice = forms.advice_lines(checked)
+        advice_md = "\n".join(f"- {a}" for a in advice) if advice else (t("no_advice", lang) if checked.config else "")
+        return [*errors, general, forms.estimate_text(checked, device), advice_md, checked.yaml]
+
+    def save_yaml(self, yaml_text, path, lang):
+        if not yaml_text:
+            return error_md("check the form first: there is no valid config to save", lang)
+        target = Path(os.path.expanduser(path or ""))
+        if not path or target.is_dir():
+            return error_md(f"give a file name such as {target / 'run.yaml'}", lang)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(yaml_text, encoding="utf-8")
+        except OSError as exc:
+            return error_md(f"cannot write {target}: {exc.strerror}", lang)
+        return f"{t('saved', lang)}: `{target}`"
+
+    def start(self, lang, device, *values, resume: bool = False):
+        checked = forms.check(dict(zip(forms.FIELDS, values)))
+        if checked.config is None:
+            return error_md(checked.message, lang)
+        with self.lock:
+            if self.job and self.job.running:
+                return error_md(t("already_running", lang), lang)
+            out = Path(checked.config.train.output_dir)
+            from vitune.train.run_lock import output_dir_lock
+
+            try:  # the CLI refuses a folder in use too; say it here before a process starts
+                with output_dir_lock(out):
+                    pass
+            except UserError as exc:
+                return error_md(str(exc), lang)
+            work = self.root / ".vitune-ui"
+            work.mkdir(parents=True, exist_ok=True)
+            config_path = work / f"{out.name}.yaml"
+            config_path.write_text(checked.yaml, encoding="utf-8")
+            overrides = ["train.resume=auto", "train.overwrite=false"] if resume else []
+            self.job = jobs.TrainingJob.start(config_path, out, overrides)
+        return f"{t('running', lang)}: `vitune train {config_path}`" + (" --set train.resume=auto" if resume else "")
+
+    def stop(self, lang):
+        if self.job and self.job.stop():
+            return t("stop_sent", lang)
+        return t("nothing_to_stop", lang)
+
+    def poll(self, lang):
+        """Progress, the last lines of output and the four plots of the job's run."""
+        job = self.job
+        if job is None:
+            return t("no_job", lang), "", *[None] * len(CURVES)
+        p = jobs.progress(job.output_dir) or {}
+        code = job.exit_code
+        if code is None:
+            status = t("running", lang)
+        elif code == 0:
+            status = t("finished", lang)
+        elif code == 130 or p.get("status") == "stopped":
+            status = f"{t('stopped', lang)} ({t('exit_code', lang)} {code})"
+        else:
+            status = f"{t('failed', lang)} ({t('exit_code', lang)} {code})"
+        text = f"**{status}** · `{job.output_dir}`"
+        if p.get("max_steps"):
+            text += f" · {t('step', lang)} {p['step']} / {p['max_steps']}"
+            if p.get("eta_s") is not None and code is None:
+                text += f" · {t('left', lang)} {_duration(p['eta_s'])}"
+        return text, job.log(), *self._plots(job.output_dir)
+
+    def _plots(self, run_dir: Path):
+        found = jobs.curves(run_dir)
+        out = []
+        for keys in CURVES.values():
+            points = [{"step": step, "value": value, "series": key}
+                      for key in keys for step, value in found.get(key, [])]
+            out.append(pd.DataFrame(points, columns=["step", "value", "series"]) if points else None)
+        return out
+
+    # ------------------------------------------------------------- runs tab
+
+    def runs(self, root, lang):
+        found = jobs.list_runs(Path(root or self.root))
+        table = pd.DataFrame([jobs.run_summary(r) for r in found])
+        names = [str(r) for r in found]
+        results = [row for r in found for row in jobs.eval_results(r)]
+        evals = pd.DataFrame(results, columns=["run", "file", "metric", "model", "base"])
+        message = "" if found else t("no_runs", lang)
+        return table, gr.update(choices=names, value=names[:3]), evals, message
+
+    def overlay(self, runs, key):
+        points = [{"step": step, "value": value, "run": Path(r).name}
+                  for r in runs or [] for step, value in jobs.curves(Path(r)).get(key or "loss", [])]
+        return pd.DataFrame(points, columns=["step", "value", "run"]) if points else None
+
+    # ------------------------------------------------------------- chat tab
+
+    def models(self, root):
+        choices = [str(p) for p in jobs.list_models(Path(root or self.root))]
+        return gr.update(choices=choices, value=choices[0] if choices else None), \
+            gr.update(choices=choices, value=choices[0] if choices else None), \
+            gr.update(choices=choices, value=choices[0] if choices else None)
+
+    def _chat_model(self, path: str):
+        from vitune.infer.chat import load_chat_model
+
+        if path not in self.chat_models:
+            self.chat_models[path] = load_chat_model(path)
+        return self.chat_models[path]
+
+    @staticmethod
+    def base_of(path: str) -> str | None:
+        from vitune.config import load_run_config
+
+        if (Path(path) / "config.yaml").is_file():
+            try:
+                return load_run_config(path).model.name_or_path
+            except Exception:
+                return None
+        return None
+
+    def chat(self, message, history, base_history, path, system, temperature, max_new_tokens, with_base, lang):
+        from vitune.data.records import Message
+
+        history, base_history = list(history or []), list(base_history or [])
+        if not message or not message.strip():
+            yield history, base_history, "", ""
+            return
+        try:
+            if not path:
+                raise UserError("choose a run or model folder to chat with")
+            if not 0 <= float(temperature) < float("inf"):
+                raise UserError(f"temperature {temperature}: use 0 (greedy) or a positive number such as 0.7")
+            sides = [(self._chat_model(path), history)]
+            base = self.base_of(path) if with_base else None
+            if with_base and base is None:
+                raise UserError(f"{path} names no base model (not a run folder); untick the base model")
+            if base:
+                sides.append((self._chat_model(base), base_history))
+        except Exception as exc:
+            yield history, base_history, message, error_md(one_line(exc), lang)
+            return
+        settings = dict(system=system or None, max_new_tokens=int(max_new_tokens), temperature=float(temperature))
+        for bot, turns in sides:
+            asked = [Message(m["role"], m["content"]) for m in turns] + [Message("user", message)]
+            turns += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+            try:
+                for piece in bot.stream(asked, **settings):
+                    turns[-1]["content"] += piece
+                    yield history, base_history, "", ""
+            except Exception as exc:
+                turns[-1]["content"] = turns[-1]["content"].strip()
+                yield history, base_history, "", error_md(one_line(exc), lang)
+                return
+            turns[-1]["content"] = turns[-1]["content"].strip()
+        yield history, base_history, "", ""
+
+    # ------------------------------------------------------------- eval and export tabs
+
+    def evaluate(self, target, files, limit, generate, with_base, lang, progress=gr.Progress()):
+        from vitune.eval import report
+        from vitune.eval.runner import evaluate
+
+        paths = forms.data_paths(files)
+        try:
+            if not target:
+                raise UserError("choose a run or model folder to evaluate")
+            if not paths:
+                raise UserError("give at least one evaluation file")
+            result = evaluate(target, paths, base="auto" if with_base else "none", generate=bool(generate),
+                              limit=int(limit) or None, batch_size=8, max_new_tokens=64)
+            out = report.save(result, report.default_out(target))
+        except Exception as exc:
+            return None, error_md(one_line(exc), lang)
+        model, base = report.rows_of(result, "model"), report.rows_of(result, "base")
+        rows = [{"file": f, "metric": m, "model": round(v, 4),
+                 "base": round(base[(f, m)], 4) if (f, m) in base else None,
+                 "difference": round(v - base[(f, m)], 4) if (f, m) in base else None}
+                for (f, m), v in model.items()]
+        return pd.DataFrame(rows), f"{t('saved', lang)}: `{out}`"
+
+    def export(self, source, kind, out, quant, force, lang):
+        """Merge or GGUF export in a thread; its progress lines stream into the page."""
+        lines: list[str] = []
+        done: dict = {}
+
+        def work():
+            try:
+                if kind == "merge":
+                    from vitune.export.merge import merge_run
+
+                    lines.append(f"merging {source} into {out} ...")
+                    done["result"] = merge_run(source, out, force=bool(force))
+                    lines.append(f"wrote {out}")
+                else:
+                    from vitune.export.gguf import export_gguf
+
+                    r = export_gguf(source, out, quant=quant, force=bool(force), say=lines.append)
+                    lines.append(f"wrote {out}: {r['architecture']}, {r['quant']}, {r['bytes'] / 2**20:.1f} MiB, "
+                                 f"{r['tensors']} tensors")
+            except Exception as exc:
+                done["error"] = one_line(exc)
+
+        if not source or not out:
+            yield "", error_md("choose the source folder and where to write", lang)
+            return
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while worker.is_alive():
+            yield "\n".join(lines), ""
+            time.sleep(0.5)
+        yield "\n".join(lines), error_md(done["error"], lang) if "error" in done else t("done", lang)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def build(root: Path, lang: str = "en") -> gr.Blocks:
+    """The page. Each component whose words depend on the language is registered with its key."""
+    ui = Ui(root, lang)
+    relabel: list[tuple[object, str, str]] = []  # (component, text key, attribute)
+
+    def L(component, key: str, attr: str = "label"):
+        relabel.append((component, key, attr))
+        return component
+
+    models_here = [str(p) for p in jobs.list_models(ui.root)]
+    default_model = next((m for m in models_here if not (Path(m) / "summary.json").is_file()), forms.DEFAULTS["model.name_or_path"])
+    with gr.Blocks(title="vitune") as page:
+        with gr.Row():
+            title = L(gr.Markdown(f"## {t('title', lang)}"), "title", "title")
+            language = L(gr.Radio([(name, code) for code, name in LANGUAGES.items()], value=lang,
+                                  label=t("language", lang), elem_id="language", scale=0, min_width=260), "language")
+        lang_state = gr.State(lang)
+
+        # --------------------------------------------------------- data
+        with L(gr.Tab(t("tab_data", lang), id="data", elem_id="tab-data"), "tab_data"):
+            with gr.Row():
+                d_model = L(gr.Textbox(default_model, label=t("model", lang), elem_id="data-model"), "model")
+                d_template = L(gr.Textbox("auto", label=t("template", lang), elem_id="data-template"), "template")
+            with gr.Row():
+                d_files = L(gr.Textbox(forms.DEFAULTS["data.train"], lines=3, label=t("files", lang), elem_id="data-files"), "files")
+                d_upload = L(gr.File(file_count="multiple", label=t("upload", lang), type="filepath"), "upload")
+            with gr.Row():
+                d_len = L(gr.Number(1024, label=t("max_length", lang), precision=0, elem_id="data-max-length"), "max_length")
+                d_pack = L(gr.Checkbox(True, label=t("packing", lang)), "packing")
+                d_n = L(gr.Number(2, label=t("rows_shown", lang), precision=0), "rows_shown")
+            d_go = L(gr.Button(t("inspect", lang), variant="primary", elem_id="data-inspect"), "inspect", "value")
+            d_summary = gr.Markdown(elem_id="data-summary")
+            d_rejected = L(gr.Dataframe(label=t("first_rejected", lang), elem_id="data-rejected", interactive=False), "first_rejected")
+            d_error = gr.Markdown(elem_classes="vitune-error")
+            d_rows = gr.HighlightedText(color_map={"trained": "green"}, show_legend=False, show_inline_category=False,
+                                        combine_adjacent=True, show_label=False, elem_id="data-rows")
+            d_go.click(ui.inspect, [d_model, d_template, d_files, d_upload, d_len, d_pack, d_n, lang_state],
+                       [d_summary, d_rejected, d_error, d_rows])
+
+        # --------------------------------------------------------- train
+        with L(gr.Tab(t("tab_train", lang), id="train", elem_id="tab-train"), "tab_train"):
+            inputs, errors = {}, {}
+            d = forms.DEFAULTS
+
+            def field(key, component):
+                inputs[key] = L(component, key.split(".")[-1] if key.split(".")[-1] in _TEXT_KEYS else _label_key(key))
+                errors[key] = gr.Markdown(elem_classes="vitune-error", elem_id=f"error-{key.replace('.', '-')}")
+                return inputs[key]
+
+            with gr.Row():
+                with gr.Column():
+                    field("model.name_or_path", gr.Textbox(default_model, label=t("model", lang), elem_id="f-model"))
+                    field("model.template", gr.Textbox(d["model.template"], label=t("template", lang)))
+                with gr.Column():
+                    field("train.stage", gr.Dropdown(["sft", "pt", "rm", "dpo"], value="sft", label=t("stage", lang)))
+                    field("method.type", gr.Radio(["lora", "qlora", "full"], value="lora", label=t("method", lang), elem_id="f-method"))
+            with gr.Row():
+                field("method.lora.r", gr.Number(d["method.lora.r"], precision=0, label=t("lora_r", lang)))
+                field("method.lora.alpha", gr.Number(d["method.lora.alpha"], precision=0, label=t("lora_alpha", lang)))
+                field("method.lora.dropout", gr.Number(d["method.lora.dropout"], label=t("lora_dropout", lang)))
+                field("method.quantization.bits", gr.Dropdown([4, 8], value=4, label=t("bits", lang)))
+            with gr.Row():
+                field("data.train", gr.Textbox(d["data.train"], lines=2, label=t("files", lang), elem_id="f-data"))
+                with gr.Column():
+                    field("data.max_length", gr.Number(d["data.max_length"], precision=0, label=t("max_length", lang), elem_id="f-max-length"))
+                    field("data.packing", gr.Checkbox(True, label=t("packing", lang)))
+                    field("data.val_size", gr.Number(d["data.val_size"], label=t("val_size", lang), elem_id="f-val-size"))
+            with gr.Row():
+                field("train.epochs", gr.Number(d["train.epochs"], label=t("epochs", lang), elem_id="f-epochs"))
+                field("train.max_steps", gr.Number(d["train.max_steps"], precision=0, label=t("max_steps", lang), elem_id="f-max-steps"))
+                field("train.learning_rate", gr.Number(d["train.learning_rate"], label=t("learning_rate", lang), elem_id="f-lr"))
+                field("train.micro_batch_size", gr.Number(d["train.micro_batch_size"], precision=0, label=t("micro_batch_size", lang)))
+                field("train.gradient_accumulation", gr.Number(1, precision=0, label=t("gradient_accumulation", lang)))
+            with gr.Row():
+                field("train.logging_steps", gr.Number(d["train.logging_steps"], precision=0, label=t("logging_steps", lang), elem_id="f-logging"))
+                field("train.eval_steps", gr.Number(0, precision=0, label=t("eval_steps", lang)))
+                field("train.save_steps", gr.Number(0, precision=0, label=t("save_steps", lang)))
+                field("train.output_dir", gr.Textbox(str(ui.root / "ui-run"), label=t("output_dir", lang), elem_id="f-output"))
+                field("train.overwrite", gr.Checkbox(False, label=t("overwrite", lang), elem_id="f-overwrite"))
+            with gr.Row():
+                device = L(gr.Dropdown(DEVICES, value="CPU", label=t("device", lang), scale=0, min_width=160), "device")
+                check = L(gr.Button(t("check", lang), elem_id="train-check"), "check", "value")
+                start = L(gr.Button(t("start", lang), variant="primary", elem_id="train-start"), "start", "value")
+                stop = L(gr.Button(t("stop", lang), variant="stop", elem_id="train-stop"), "stop", "value")
+                resume = L(gr.Button(t("resume", lang), elem_id="train-resume"), "resume", "value")
+            general = gr.Markdown(elem_id="train-message")
+            with gr.Row():
+                with gr.Column():
+                    L(gr.Markdown(f"**{t('estimate', lang)}**"), "estimate", "bold")
+                    estimate = gr.Markdown(elem_id="train-estimate")
+                with gr.Column():
+                    L(gr.Markdown(f"**{t('advice', lang)}**"), "advice", "bold")
+                    advice = gr.Markdown(elem_id="train-advice")
+            yaml_box = L(gr.Code(language="yaml", label=t("yaml", lang), interactive=False, elem_id="train-yaml"), "yaml")
+            with gr.Row():
+                yaml_path = L(gr.Textbox(str(ui.root / "ui-run.yaml"), label=t("save_yaml_to", lang)), "save_yaml_to")
+                save = L(gr.Button(t("save_yaml", lang)), "save_yaml", "value")
+            L(gr.Markdown(f"**{t('progress', lang)}**"), "progress", "bold")
+            status = gr.Markdown(elem_id="train-status")
+            with gr.Row():
+                plots = [L(gr.LinePlot(x="step", y="value", color="series", label=t(key, lang), elem_id=f"train-{key}",
+                                       height=260), key) for key in CURVES]
+            log = L(gr.Textbox(lines=8, max_lines=12, label=t("log", lang), interactive=False, elem_id="train-log"), "log")
+            form = [inputs[k] for k in forms.FIELDS]
+            check.click(ui.check_form, [lang_state, device, *form],
+                        [*(errors[k] for k in forms.FIELDS), general, estimate, advice, yaml_box])
+            save.click(ui.save_yaml, [yaml_box, yaml_path, lang_state], general)
+            start.click(ui.check_form, [lang_state, device, *form],
+                        [*(errors[k] for k in forms.FIELDS), general, estimate, advice, yaml_box]).then(
+                ui.start, [lang_state, device, *form], general)
+            resume.click(lambda lang, dev, *v: ui.start(lang, dev, *v, resume=True), [lang_state, device, *form], general)
+            stop.click(ui.stop, lang_state, general)
+            timer = gr.Timer(2.0)
+            timer.tick(ui.poll, lang_state, [status, log, *plots])
+
+        # --------------------------------------------------------- runs
+        with L(gr.Tab(t("tab_runs", lang), id="runs", elem_id="tab-runs"), "tab_runs"):
+            with gr.Row():
+                r_root = L(gr.Textbox(str(ui.root), label=t("root", lang), elem_id="runs-root"), "root")
+                r_refresh = L(gr.Button(t("refresh", lang), elem_id="runs-refresh", scale=0), "refresh", "value")
+            r_message = gr.Markdown()
+            r_table = L(gr.Dataframe(label=t("runs_table", lang), interactive=False, elem_id="runs-table"), "runs_table")
+            with gr.Row():
+                r_pick = L(gr.Dropdown([], multiselect=True, label=t("compare_runs", lang), elem_id="runs-pick"), "compare_runs")
+                r_key = L(gr.Dropdown(["loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm",
+                                       "rewards/accuracy", "eval_rewards/accuracy"], value="loss",
+                                      label=t("curve_key", lang), scale=0, min_width=220), "curve_key")
+            r_plot = gr.LinePlot(x="step", y="value", color="run", height=320, elem_id="runs-plot")
+            r_evals = L(gr.Dataframe(label=t("eval_results", lang), interactive=False, elem_id="runs-evals"), "eval_results")
+            r_refresh.click(ui.runs, [r_root, lang_state], [r_table, r_pick, r_evals, r_message]).then(
+                ui.overlay, [r_pick, r_key], r_plot)
+            r_pick.change(ui.overlay, [r_pick, r_key], r_plot)
+            r_key.change(ui.overlay, [r_pick, r_key], r_plot)
+
+        # --------------------------------------------------------- chat
+        with L(gr.Tab(t("tab_chat", lang), id="chat", elem_id="tab-chat"), "tab_chat"):
+            with gr.Row():
+                c_run = L(gr.Dropdown(models_here, value=models_here[0] if models_here else None, allow_custom_value=True,
+                                      label=t("chat_run", lang), elem_id="chat-run"), "chat_run")
+                c_refresh = L(gr.Button(t("refresh", lang), scale=0), "refresh", "value")
+                c_temp = L(gr.Number(0.0, label=t("temperature", lang), min_width=120), "temperature")
+                c_max = L(gr.Number(128, precision=0, label=t("max_new_tokens", lang), min_width=120), "max_new_tokens")
+                c_base = L(gr.Checkbox(False, label=t("with_base", lang), elem_id="chat-with-base"), "with_base")
+            c_system = L(gr.Textbox("", label=t("system", lang)), "system")
+            with gr.Row():
+                c_box = L(gr.Chatbot(label=t("chat_model", lang), elem_id="chat-model", height=360), "chat_model")
+                c_box_base = L(gr.Chatbot(label=t("chat_base", lang), elem_id="chat-base", height=360), "chat_base")
+            with gr.Row():
+                c_msg = L(gr.Textbox(label=t("message", lang), elem_id="chat-message", scale=4), "message")
+                c_send = L(gr.Button(t("send", lang), variant="primary", elem_id="chat-send", scale=0), "send", "value")
+                c_clear = L(gr.Button(t("clear", lang), scale=0), "clear", "value")
+            c_error = gr.Markdown(elem_classes="vitune-error", elem_id="chat-error")
+            chat_in = [c_msg, c_box, c_box_base, c_run, c_system, c_temp, c_max, c_base, lang_state]
+            c_send.click(ui.chat, chat_in, [c_box, c_box_base, c_msg, c_error])
+            c_msg.submit(ui.chat, chat_in, [c_box, c_box_base, c_msg, c_error])
+            c_clear.click(lambda: ([], [], ""), None, [c_box, c_box_base, c_error])
+
+        # --------------------------------------------------------- eval
+        with L(gr.Tab(t("tab_eval", lang), id="eval", elem_id="tab-eval"), "tab_eval"):
+            with gr.Row():
+                e_target = L(gr.Dropdown(models_here, value=models_here[0] if models_here else None, allow_custom_value=True,
+                                         label=t("eval_target", lang), elem_id="eval-target"), "eval_target")
+                e_files = L(gr.Textbox("data/vmlu_vi.jsonl\ndata/qa_vi_eval.jsonl", lines=2,
+                                       label=t("eval_files", lang), elem_id="eval-files"), "eval_files")
+            with gr.Row():
+                e_limit = L(gr.Number(40, precision=0, label=t("eval_limit", lang), elem_id="eval-limit"), "eval_limit")
+                e_generate = L(gr.Checkbox(False, label=t("eval_generate", lang)), "eval_generate")
+                e_base = L(gr.Checkbox(False, label=t("eval_base", lang)), "eval_base")
+                e_go = L(gr.Button(t("run_eval", lang), variant="primary", elem_id="eval-run"), "run_eval", "value")
+            e_message = gr.Markdown(elem_id="eval-message")
+            e_table = gr.Dataframe(interactive=False, elem_id="eval-table")
+            e_go.click(ui.evaluate, [e_target, e_files, e_limit, e_generate, e_base, lang_state], [e_table, e_message])
+
+        # --------------------------------------------------------- export
+        with L(gr.Tab(t("tab_export", lang), id="export", elem_id="tab-export"), "tab_export"):
+            with gr.Row():
+                x_source = L(gr.Dropdown(models_here, value=models_here[0] if models_here else None, allow_custom_value=True,
+                                         label=t("export_source", lang), elem_id="export-source"), "export_source")
+                x_kind = L(gr.Radio([("merge (model folder)", "merge"), ("GGUF (llama.cpp, Ollama)", "gguf")], value="gguf",
+                                    label=t("export_kind", lang)), "export_kind")
+            with gr.Row():
+                x_out = L(gr.Textbox(str(ui.root / "model.gguf"), label=t("export_out", lang), elem_id="export-out"), "export_out")
+                x_quant = L(gr.Dropdown(QUANTS, value="q8_0", label=t("quant", lang)), "quant")
+                x_force = L(gr.Checkbox(False, label=t("force", lang)), "force")
+                x_go = L(gr.Button(t("run_export", lang), variant="primary", elem_id="export-run"), "run_export", "value")
+            x_log = gr.Textbox(lines=8, interactive=False, show_label=False, elem_id="export-log")
+            x_message = gr.Markdown(elem_id="export-message")
+            x_go.click(ui.export, [x_source, x_kind, x_out, x_quant, x_force, lang_state], [x_log, x_message])
+
+        c_refresh.click(ui.models, r_root, [c_run, e_target, x_source])
+
+        def switch(code):
+            updates = []
+            for component, key, attr in relabel:
+                text = t(key, code)
+                if attr == "title":
+                    updates.append(gr.update(value=f"## {text}"))
+                elif attr == "bold":
+                    updates.append(gr.update(value=f"**{text}**"))
+                else:
+                    updates.append(gr.update(**{attr: text}))
+            return [code, *updates]
+
+        language.change(switch, language, [lang_state, *(c for c, _, _ in relabel)])
+        page.load(ui.runs, [r_root, lang_state], [r_table, r_pick, r_evals, r_message])
+    page.vitune = ui  # the tests reach the server's state through it
+    return page
+
+
+_TEXT_KEYS = {"template", "epochs", "learning_rate", "micro_batch_size", "gradient_accumulation", "max_length",
+              "packing", "val_size", "max_steps", "logging_steps", "eval_steps", "save_steps", "output_dir",
+              "overwrite", "stage"}
+
+
+def _label_key(key: str) -> str:
+    return {"model.name_or_path": "model", "method.type": "method", "method.lora.r": "lora_r",
+            "method.lora.alpha": "lora_alpha", "method.lora.dropout": "lora_dropout",
+            "method.quantization.bits": "bits", "data.train": "files"}[key]
+
+
+def launch(root: Path, host: str, port: int, lang: str, block: bool = True):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    page = build(root, lang)
+    page.queue(default_concurrency_limit=4)
+    page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=False,
+                css=CSS, footer_links=[], allowed_paths=[str(Path(root).resolve())])
+    return page

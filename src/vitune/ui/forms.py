@@ -1,0 +1,162 @@
+"""The training form: its fields are config keys, its values become the same YAML a user would
+write, and that YAML goes through the CLI's own validation, estimate and advice. A problem is
+reported against the field whose key the message names."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from vitune.config import RunConfig, validate_config
+from vitune.errors import UserError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+# every key of the form, in the order of the page; values come back from the page in this order
+FIELDS = (
+    "model.name_or_path", "model.template", "train.stage", "method.type",
+    "method.lora.r", "method.lora.alpha", "method.lora.dropout", "method.quantization.bits",
+    "data.train", "data.max_length", "data.packing", "data.val_size",
+    "train.epochs", "train.max_steps", "train.learning_rate", "train.micro_batch_size",
+    "train.gradient_accumulation", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.output_dir", "train.overwrite",
+)
+INTEGERS = {"method.lora.r", "method.lora.alpha", "method.quantization.bits", "data.max_length",
+            "train.max_steps", "train.micro_batch_size", "train.gradient_accumulation", "train.logging_steps",
+            "train.eval_steps", "train.save_steps"}
+ZERO_IS_UNSET = {"train.max_steps", "train.eval_steps", "train.save_steps"}
+
+DEFAULTS = {
+    "model.name_or_path": "runs/smollm2-135m-instruct", "model.template": "auto", "train.stage": "sft",
+    "method.type": "lora", "method.lora.r": 16, "method.lora.alpha": 32, "method.lora.dropout": 0.0,
+    "method.quantization.bits": 4, "data.train": "data/alpaca_vi.jsonl\ndata/sharegpt_vi.jsonl",
+    "data.max_length": 1024, "data.packing": True, "data.val_size": 20, "train.epochs": 1.0,
+    "train.max_steps": 0, "train.learning_rate": 1e-3, "train.micro_batch_size": 1,
+    "train.gradient_accumulation": 1, "train.logging_steps": 5, "train.eval_steps": 0, "train.save_steps": 0,
+    "train.output_dir": "runs/ui-run", "train.overwrite": False,
+}
+
+
+@dataclass
+class Checked:
+    config: Optional[RunConfig]  # None when a problem was found
+    field: Optional[str] = None  # the form key the problem is about
+    message: str = ""
+    model_config: object = None  # the model's config.json, when it could be read
+    raw: Optional[dict] = None  # the config as the user would write it
+
+    @property
+    def yaml(self) -> str:
+        """The YAML `vitune train` is given: the form's keys only (the rest are the defaults)."""
+        return yaml.safe_dump(self.raw, sort_keys=False, allow_unicode=True) if self.config else ""
+
+
+def data_paths(text: str) -> list[str]:
+    """One path per line (or comma); a folder stands for its data files, sorted."""
+    out = []
+    for item in (p.strip() for line in (text or "").splitlines() for p in line.split(",")):
+        if not item:
+            continue
+        folder = Path(os.path.expanduser(item))
+        if folder.is_dir():
+            out += sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+        else:
+            out.append(item)
+    return out
+
+
+def raw_config(values: dict) -> dict:
+    """Form values {key: value} -> the nested dict of a run config, as a user would write it:
+    settings the chosen method does not use are left out (the config refuses them)."""
+    raw: dict = {}
+    for key, value in values.items():
+        if key == "data.train":
+            value = [{"path": p} for p in data_paths(value)]
+        elif isinstance(value, float) and key in INTEGERS and value.is_integer():
+            value = int(value)
+        if key in ZERO_IS_UNSET and not value:
+            continue
+        if key == "data.val_size" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    method = raw.get("method", {})
+    if method.get("type") != "qlora":
+        method.pop("quantization", None)
+    if method.get("type") == "full":
+        method.pop("lora", None)
+    return raw
+
+
+def inspection_config(model: str, template: str, files: str, max_length, packing: bool) -> dict:
+    """The config the data tab inspects: the data as a run of this model would read it, bad
+    rows counted and listed (on_error: skip) instead of stopping at the first."""
+    return raw_config({"model.name_or_path": model, "model.template": template, "data.train": files,
+                       "data.max_length": max_length, "data.packing": packing, "data.on_error": "skip"})
+
+
+def field_of(message: str) -> Optional[str]:
+    """The form key a config message is about: the longest one it names."""
+    named = [k for k in FIELDS if k in message]
+    return max(named, key=len) if named else None
+
+
+def check(values: dict) -> Checked:
+    """Validate as `vitune train` does, then read the model's config.json (for the estimate and
+    the context limit); every failure is one line against its field."""
+    from vitune.models.architecture import load_model_config
+    from vitune.train.guidance import check_max_length
+
+    raw = raw_config(values)
+    if not raw.get("data", {}).get("train"):
+        return Checked(None, "data.train", "data.train: give at least one data file")
+    for spec in raw["data"]["train"]:
+        path = spec["path"]
+        if Path(path).suffix.lower() in DATA_SUFFIXES and not Path(os.path.expanduser(path)).is_file():
+            return Checked(None, "data.train", f"data.train: file not found: {path}")
+    try:
+        config = validate_config(raw, source="form")
+    except UserError as exc:
+        return Checked(None, field_of(str(exc)), str(exc))
+    try:
+        model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
+        check_max_length(config, model_config)
+    except UserError as exc:
+        return Checked(None, field_of(str(exc)) or "model.name_or_path", str(exc), None)
+    return Checked(config, model_config=model_config, raw=raw)
+
+
+def estimate_text(checked: Checked, device: str) -> str:
+    """The estimate of `vitune estimate` as a short Markdown table."""
+    from vitune.models.estimate import estimate
+
+    if checked.config is None or checked.model_config is None:
+        return ""
+    try:
+        r = estimate(checked.config, checked.model_config, device)
+    except UserError as exc:
+        return str(exc)
+    parts = [("base weights", r.base_weights), ("LoRA adapter", r.lora_params), ("gradients", r.gradients),
+             ("optimizer states", r.optimizer_states), ("activations", r.activations),
+             ("logits + loss", r.logits_loss)]
+    lines = ["| part | GiB |", "|---|---:|"] + [f"| {name} | {value:.2f} |" for name, value in parts]
+    lines.append(f"| **peak on {r.device}** | **{r.total:.2f}** |")
+    lines.append("")
+    lines.append(f"trainable {r.trainable_params:,} of {r.total_params:,} parameters; "
+                 f"predicted **{r.predicted_tokens_per_s:,.0f} tokens/s**")
+    return "\n".join(lines)
+
+
+def advice_lines(checked: Checked) -> list[str]:
+    from vitune.train.guidance import advise
+
+    if checked.config is None:
+        return []
+    return [f"{a.key}: {a.text}" for a in advise(checked.config, checked.model_config)]

@@ -1,0 +1,149 @@
+"""The page's words in English and Vietnamese. One key per label, button or message; the
+language switch re-labels every component from this table (no reload, nothing lost)."""
+
+from __future__ import annotations
+
+import locale
+import os
+
+LANGUAGES = {"vi": "Tiếng Việt", "en": "English"}
+
+TEXT: dict[str, tuple[str, str]] = {  # key: (English, Vietnamese)
+    "title": ("vitune: fine-tune open LLMs", "vitune: tinh chỉnh mô hình ngôn ngữ mở"),
+    "language": ("Language", "Ngôn ngữ"),
+    "root": ("Runs folder", "Thư mục các lần chạy"),
+    # tabs
+    "tab_data": ("Data", "Dữ liệu"),
+    "tab_train": ("Train", "Huấn luyện"),
+    "tab_runs": ("Runs", "Các lần chạy"),
+    "tab_chat": ("Chat", "Trò chuyện"),
+    "tab_eval": ("Evaluate", "Đánh giá"),
+    "tab_export": ("Export", "Xuất mô hình"),
+    # data and train form
+    "model": ("Model (folder, Hub id or .gguf)", "Mô hình (thư mục, mã Hub hoặc tệp .gguf)"),
+    "template": ("Chat template (auto = the tokenizer's own)", "Mẫu hội thoại (auto = mẫu của tokenizer)"),
+    "files": ("Data files or folders (one per line)", "Tệp hoặc thư mục dữ liệu (mỗi dòng một mục)"),
+    "upload": ("…or upload files", "…hoặc tải tệp lên"),
+    "format": ("Format", "Định dạng"),
+    "max_length": ("Max length (tokens)", "Độ dài tối đa (token)"),
+    "packing": ("Packing", "Ghép chuỗi (packing)"),
+    "rows_shown": ("Rows to show", "Số dòng hiển thị"),
+    "inspect": ("Inspect data", "Kiểm tra dữ liệu"),
+    "stage": ("Stage", "Giai đoạn"),
+    "method": ("Method", "Phương pháp"),
+    "lora_r": ("LoRA rank r", "Hạng LoRA r"),
+    "lora_alpha": ("LoRA alpha", "LoRA alpha"),
+    "lora_dropout": ("LoRA dropout", "LoRA dropout"),
+    "bits": ("QLoRA bits", "Số bit QLoRA"),
+    "val_size": ("Held-out rows (count or fraction)", "Dòng giữ lại để đánh giá (số dòng hoặc tỉ lệ)"),
+    "epochs": ("Epochs", "Số epoch"),
+    "max_steps": ("Max steps (0 = by epochs)", "Số bước tối đa (0 = theo epoch)"),
+    "learning_rate": ("Learning rate", "Tốc độ học"),
+    "micro_batch_size": ("Micro-batch size", "Kích thước micro-batch"),
+    "gradient_accumulation": ("Gradient accumulation", "Tích luỹ gradient"),
+    "logging_steps": ("Log every (steps)", "Ghi nhật ký mỗi (bước)"),
+    "eval_steps": ("Evaluate every (steps, 0 = at the end)", "Đánh giá mỗi (bước, 0 = khi kết thúc)"),
+    "save_steps": ("Checkpoint every (steps, 0 = none)", "Lưu checkpoint mỗi (bước, 0 = không)"),
+    "output_dir": ("Run folder", "Thư mục lần chạy"),
+    "overwrite": ("Replace the folder if it exists", "Ghi đè thư mục nếu đã có"),
+    "device": ("Estimate for", "Ước tính cho"),
+    "check": ("Check", "Kiểm tra"),
+    "yaml": ("The config it will run", "Cấu hình sẽ chạy"),
+    "save_yaml_to": ("Save the YAML as", "Lưu YAML thành"),
+    "save_yaml": ("Save YAML", "Lưu YAML"),
+    "start": ("Start training", "Bắt đầu huấn luyện"),
+    "stop": ("Stop (checkpoint)", "Dừng (lưu checkpoint)"),
+    "resume": ("Resume", "Tiếp tục"),
+    "estimate": ("Memory and speed estimate", "Ước tính bộ nhớ và tốc độ"),
+    "advice": ("Advice", "Lời khuyên"),
+    "progress": ("Progress", "Tiến độ"),
+    "log": ("Last lines of the training process", "Các dòng cuối của tiến trình huấn luyện"),
+    "plot_loss": ("Loss", "Hàm mất mát (loss)"),
+    "plot_lr": ("Learning rate", "Tốc độ học"),
+    "plot_speed": ("Tokens/s", "Token/giây"),
+    "plot_reward": ("Accuracy and margin (rm, dpo)", "Độ chính xác và biên (rm, dpo)"),
+    # runs
+    "refresh": ("Refresh", "Làm mới"),
+    "runs_table": ("Runs", "Các lần chạy"),
+    "compare_runs": ("Runs to overlay", "Các lần chạy để so sánh"),
+    "curve_key": ("Curve", "Đường cong"),
+    "eval_results": ("Evaluation results (eval.json)", "Kết quả đánh giá (eval.json)"),
+    # chat
+    "chat_run": ("Run or model", "Lần chạy hoặc mô hình"),
+    "system": ("System prompt", "Lời nhắc hệ thống"),
+    "temperature": ("Temperature (0 = greedy)", "Nhiệt độ (0 = tham lam)"),
+    "max_new_tokens": ("Longest answer (tokens)", "Câu trả lời dài nhất (token)"),
+    "with_base": ("Side by side with the base model", "Đặt cạnh mô hình gốc"),
+    "message": ("Your message", "Tin nhắn của bạn"),
+    "send": ("Send", "Gửi"),
+    "clear": ("Clear", "Xoá"),
+    "chat_model": ("Fine-tuned", "Đã tinh chỉnh"),
+    "chat_base": ("Base model", "Mô hình gốc"),
+    # eval
+    "eval_target": ("Run or model to evaluate", "Lần chạy hoặc mô hình cần đánh giá"),
+    "eval_files": ("Evaluation files (one per line)", "Tệp đánh giá (mỗi dòng một tệp)"),
+    "eval_limit": ("Rows per file (0 = all)", "Số dòng mỗi tệp (0 = tất cả)"),
+    "eval_generate": ("Generate answers (EM, chrF, ROUGE-L)", "Sinh câu trả lời (EM, chrF, ROUGE-L)"),
+    "eval_base": ("Compare with the base model", "So sánh với mô hình gốc"),
+    "run_eval": ("Run evaluation", "Chạy đánh giá"),
+    # export
+    "export_source": ("Run or model folder", "Thư mục lần chạy hoặc mô hình"),
+    "export_kind": ("Export as", "Xuất thành"),
+    "export_out": ("Write to", "Ghi vào"),
+    "quant": ("GGUF quantisation", "Lượng tử hoá GGUF"),
+    "force": ("Replace if it exists", "Ghi đè nếu đã có"),
+    "run_export": ("Export", "Xuất"),
+    # messages
+    "no_job": ("No training started from this page yet.", "Chưa có lần huấn luyện nào được bắt đầu từ trang này."),
+    "running": ("running", "đang chạy"),
+    "finished": ("finished", "đã xong"),
+    "failed": ("failed", "thất bại"),
+    "stopped": ("stopped", "đã dừng"),
+    "step": ("step", "bước"),
+    "left": ("left", "còn lại"),
+    "exit_code": ("exit code", "mã thoát"),
+    "valid": ("The config is valid.", "Cấu hình hợp lệ."),
+    "saved": ("Saved", "Đã lưu"),
+    "no_advice": ("Nothing unusual in these settings.", "Không có gì bất thường trong các thiết lập này."),
+    "no_runs": ("No run folders here yet.", "Chưa có thư mục lần chạy nào ở đây."),
+    "already_running": ("A training run started from this page is still running; stop it first.",
+                        "Một lần huấn luyện bắt đầu từ trang này vẫn đang chạy; hãy dừng nó trước."),
+    "stop_sent": ("Stop requested: the run saves a checkpoint and ends.",
+                  "Đã yêu cầu dừng: lần chạy lưu checkpoint rồi kết thúc."),
+    "nothing_to_stop": ("Nothing is running.", "Không có gì đang chạy."),
+    "rows": ("rows read / kept / rejected", "dòng đọc / giữ / loại"),
+    "rejected_by": ("rejected", "bị loại"),
+    "truncated": ("rows truncated", "dòng bị cắt"),
+    "train_eval_rows": ("train / held-out rows", "dòng huấn luyện / giữ lại"),
+    "tokens": ("tokens (trained share)", "token (phần được huấn luyện)"),
+    "lengths": ("length p50 / p90 / p99 / max", "độ dài p50 / p90 / p99 / max"),
+    "packing_eff": ("packing efficiency", "hiệu suất ghép chuỗi"),
+    "detected": ("format", "định dạng"),
+    "first_rejected": ("First rejected rows", "Các dòng bị loại đầu tiên"),
+    "row_of": ("row {i} of {n}: {tokens} tokens, {trained} trained",
+               "dòng {i} / {n}: {tokens} token, {trained} được huấn luyện"),
+    "trained_label": ("trained", "được huấn luyện"),
+    "not_landed": ("This needs `{cmd}`, which is not available in this install.",
+                   "Cần lệnh `{cmd}`, chưa có trong bản cài đặt này."),
+    "error": ("error", "lỗi"),
+    "done": ("done", "xong"),
+}
+
+
+def t(key: str, lang: str, **values) -> str:
+    english, vietnamese = TEXT[key]
+    text = vietnamese if lang == "vi" else english
+    return text.format(**values) if values else text
+
+
+def default_language(environ=os.environ) -> str:
+    """vi when the system locale is Vietnamese (LANG / LC_ALL / LC_MESSAGES = vi_VN...), else en."""
+    for name in ("LC_ALL", "LC_MESSAGES", "LANG", "LANGUAGE"):
+        value = environ.get(name)
+        if value:
+            return "vi" if value.lower().startswith("vi") else "en"
+    try:
+        current = locale.getlocale()[0] or ""
+    except ValueError:
+        current = ""
+    return "vi" if current.lower().startswith("vi") else "en"
