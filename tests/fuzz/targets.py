@@ -336,7 +336,61 @@ def run_eval(case, ws: Workspace) -> Outcome:
                    "--max-new-tokens", "1", "--out", str(ws.root / "eval.json")])
 
 
+# ---------------------------------------------------------------- the web UI's server functions
+
+FORM_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
+                        s.odd_text, st.text(max_size=12), st.sampled_from(["@MODEL@", "@DATA@", "@MISSING@", "0", "-1"]))
+
+
+@st.composite
+def ui_form_case(draw):
+    """The training form with a few fields changed to anything a browser can send."""
+    from vitune.ui import forms
+
+    values = dict(forms.DEFAULTS, **{"model.name_or_path": "@MODEL@", "data.train": "@DATA@", "data.max_length": 256})
+    for key in draw(st.lists(st.sampled_from(forms.FIELDS), max_size=3, unique=True)):
+        values[key] = draw(FORM_VALUES)
+    return values, draw(st.sampled_from(["en", "vi"])), draw(st.sampled_from(["CPU", "T4", "H100", "nosuch"]))
+
+
+def ui_outcome(name: str, call) -> Outcome:
+    """A page function's result as the CLI's: an error shown on the page is the one line of a 2."""
+    import re
+
+    try:
+        shown = call()
+    except Exception as exc:  # the server must never raise out of a page function
+        import traceback
+
+        return Outcome([name], 1, "", "".join(traceback.format_exception(exc)))
+    errors = [x for x in shown if isinstance(x, str) and re.match(r"\*\*(error|lỗi):\*\* ", x)]
+    if errors:
+        return Outcome([name], 2, "", "error: " + re.sub(r"^\*\*(error|lỗi):\*\* ", "", errors[0]) + "\n")
+    return Outcome([name], 0, "", "")
+
+
+def run_ui_form(case, ws: Workspace) -> Outcome:
+    from vitune.ui import forms
+    from vitune.ui.app import Ui
+
+    values, lang, device = case
+    filled = [ws.fill(v) if isinstance(v, str) else v for v in (values[k] for k in forms.FIELDS)]
+    return ui_outcome("ui-form", lambda: Ui(ws.root, lang).check_form(lang, device, *filled))
+
+
+def run_ui_inspect(case, ws: Workspace) -> Outcome:
+    from vitune.ui.app import Ui
+
+    (name, contents), lang = case
+    path = ws.write(name, contents)
+    outcome = ui_outcome("ui-inspect", lambda: Ui(ws.root, lang).inspect(
+        str(ws.world.model), "auto", str(path), None, 256, True, 2, lang))
+    return outcome
+
+
 TARGETS = [
+    FuzzTarget("ui-form", ui_form_case(), run_ui_form, 40),
+    FuzzTarget("ui-inspect", st.tuples(s.data_file(), st.sampled_from(["en", "vi"])), run_ui_inspect, 30),
     FuzzTarget("data-rows", st.tuples(s.data_file(), s.data_settings(), DATA_COMMANDS), run_data_rows, 60, check_rows),
     FuzzTarget("data-convert", st.tuples(
         s.data_file(), st.sampled_from(["alpaca", "sharegpt", "messages", "chatml", ""]),

@@ -58,7 +58,8 @@ class Checked:
 def data_paths(text: str) -> list[str]:
     """One path per line (or comma); a folder stands for its data files, sorted."""
     out = []
-    for item in (p.strip() for line in (text or "").splitlines() for p in line.split(",")):
+    text = text if isinstance(text, str) else "" if text is None else str(text)  # a page sends any type
+    for item in (p.strip() for line in text.splitlines() for p in line.split(",")):
         if not item:
             continue
         folder = Path(os.path.expanduser(item))
