@@ -136,6 +136,37 @@ def test_shared_prefix_log_likelihoods_equal_a_direct_forward_pass(scorer):
             assert value == pytest.approx(direct_logprob(scorer.model, context, cont), abs=1e-4)
 
 
+def test_choice_trees_run_each_shared_prefix_once_and_equal_a_direct_forward_pass(scorer):
+    # choices that begin alike share their first nodes; a choice's last token is never run
+    tokens, parents, index = mc.choice_tree([[7, 8, 9], [7, 10, 11], [7], [12, 13]])
+    assert (tokens, parents) == ([7, 8, 10, 12], [-1, 0, 0, -1])
+    assert index == {(7,): 0, (7, 8): 1, (7, 10): 2, (12,): 3}
+    questions = mc.read_questions([str(VMLU)]).questions[:6]
+    items = []
+    for q in questions:
+        pairs = [mc.continuation_ids(scorer.tokenizer, mc.likelihood_context(q, []), " " + c) for c in q.choices]
+        items.append((pairs[0][0], [cont for _, cont in pairs]))
+    context = items[0][0]
+    items.append((context, [[5, 6, 7], [5, 6, 8], [5, 9], [5]]))  # shared prefixes for sure
+    for (context, conts), sums in zip(items, mc.tree_logprobs(scorer.model, items, scorer.pad_id)):
+        for cont, value in zip(conts, sums):
+            assert value == pytest.approx(direct_logprob(scorer.model, context, cont), abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_choice_trees_take_each_architectures_4d_mask(tiny_models, arch):
+    from transformers import AutoModelForCausalLM
+
+    from vitune.models.attention import supports_packing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    assert supports_packing(model)  # so tasks.multiple_choice scores it with choice trees
+    items = [([1, 2, 3, 4, 5], [[6, 7, 8], [6, 7, 9], [6, 10], [11]]), ([3, 4], [[6, 7], [12, 13, 14]])]
+    for (context, conts), sums in zip(items, mc.tree_logprobs(model, items, 0)):
+        for cont, value in zip(conts, sums):
+            assert value == pytest.approx(direct_logprob(model, context, cont), abs=1e-5)
+
+
 def test_acc_and_acc_norm_pick_the_best_sum_and_the_best_sum_per_character(scorer):
     questions = mc.read_questions([str(VMLU)]).questions[:12]
     figures, rejected = tasks.multiple_choice(scorer, questions, protocol=False)

@@ -172,6 +172,91 @@ def continuation_ids(tokenizer, context: str, continuation: str) -> tuple[list[i
     return head, whole[len(head):]
 
 
+def choice_tree(continuations: list[list[int]]) -> tuple[list[int], list[int], dict[tuple[int, ...], int]]:
+    """The tokens a question's choices must run through the model, each shared prefix once.
+
+    Choice t1..tn needs the model's prediction after the context (for t1) and after each of its
+    prefixes t1..tk, k < n (for t(k+1)); its last token predicts nothing that is scored. Those
+    prefixes form a tree: choices that begin alike ("Hà Nội", "Hà Giang") share their first
+    nodes. -> (token of each node, parent node or -1, {prefix: node}), parents before children.
+    """
+    tokens, parents, index = [], [], {}
+    for cont in continuations:
+        for k in range(1, len(cont)):
+            prefix = tuple(cont[:k])
+            if prefix not in index:
+                index[prefix] = len(tokens)
+                tokens.append(cont[k - 1])
+                parents.append(index[prefix[:-1]] if k > 1 else -1)
+    return tokens, parents, index
+
+
+def tree_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+    """Sum of log-probabilities of each continuation after its context, for items (context ids,
+    [continuation ids, ...]), in one forward pass per batch: each row holds a context and its
+    choices' tree (choice_tree), and a 4-D attention mask lets each node see the context, its
+    ancestors and itself, at the positions it would have in its own choice. The exact numbers of
+    one forward per choice, for the work of the context once plus each distinct prefix once.
+    Rows are laid out [left padding][context][nodes], so the predictions needed are among the last
+    (most nodes + 1) positions of every row."""
+    import torch
+
+    device = next(model.parameters()).device
+    trees = [choice_tree(conts) for _, conts in items]
+    slots = max(len(tokens) for tokens, _, _ in trees)
+    width = max(len(c) + len(tokens) for (c, _), (tokens, _, _) in zip(items, trees))
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(items), width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(len(items), 1, 1)  # padding sees itself only (no empty row)
+    for i, ((context, _), (tokens, parents, _)) in enumerate(zip(items, trees)):
+        end = width - len(tokens)  # where the context ends and the nodes begin
+        start = end - len(context)
+        ids[i, start:end] = torch.tensor(context)
+        positions[i, start:end] = torch.arange(len(context))
+        allowed[i, start:end, start:end] = torch.ones(len(context), len(context), dtype=torch.bool).tril()
+        depth = []
+        for j, (token, parent) in enumerate(zip(tokens, parents)):
+            q = end + j
+            ids[i, q] = token
+            depth.append(depth[parent] + 1 if parent >= 0 else 1)
+            positions[i, q] = len(context) - 1 + depth[j]
+            allowed[i, q, start:end] = True
+            k = parent
+            while k >= 0:
+                allowed[i, q, end + k] = True
+                k = parents[k]
+    # Of the last (slots + 1) positions, a row with fewer nodes needs only its last (nodes + 1): the
+    # output layer (a vocabulary-wide matmul per position) runs on those alone. A pre-hook picks them
+    # from the hidden states it is given, so whatever the model does after it (soft-capping, scaling)
+    # still applies; its logits come back as one row of every needed position, row after row.
+    needed = torch.cat([i * (slots + 1) + torch.arange(slots - len(tokens), slots + 1)
+                        for i, (tokens, _, _) in enumerate(trees)]).to(device)
+
+    def picked(module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1])[needed][None], *args[1:])
+
+    hook = model.get_output_embeddings().register_forward_pre_hook(picked)
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids.to(device), attention_mask=allowed[:, None].to(device),
+                           position_ids=positions.to(device), logits_to_keep=slots + 1).logits[0]
+    finally:
+        hook.remove()
+    out, at = [], 0
+    for i, (_, conts) in enumerate(items):
+        # this row's needed positions: 0 = after the context, 1 + j = after node j
+        logprobs = torch.log_softmax(logits[at:at + 1 + len(trees[i][0])].float(), -1)
+        at += 1 + len(trees[i][0])
+        index = trees[i][2]
+        sums = []
+        for cont in conts:
+            rows = [0] + [1 + index[tuple(cont[:k])] for k in range(1, len(cont))]
+            sums.append(float(logprobs[rows, cont].sum()))
+        out.append(sums)
+    return out
+
+
 def shared_prefix_logprobs(model, items: list[tuple[list[int], list[list[int]]]], pad_id: int,
                            group: int = 16) -> list[list[float]]:
     """Sum of log-probabilities of each continuation after its context: items are

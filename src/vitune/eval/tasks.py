@@ -93,10 +93,17 @@ def multiple_choice(scorer: Scorer, questions: list[mc.Question], shots: int = 0
             continue
         items.append((pairs[0][0], [cont for _, cont in pairs]))
         kept.append(q)
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths share a batch
+    # one forward per batch with each question's choices as a tree (shared prefixes once) where the
+    # architecture takes a 4-D attention mask; else the context once and the choices on its KV cache
+    from vitune.models.attention import supports_packing
+
+    tree = supports_packing(scorer.model)
+    score = mc.tree_logprobs if tree else mc.shared_prefix_logprobs
+    size = (lambda i: len(items[i][0]) + len(mc.choice_tree(items[i][1])[0])) if tree else (lambda i: len(items[i][0]))
+    order = sorted(range(len(items)), key=size)  # similar lengths share a batch
     by_index = {}
     for batch in _batches(order, scorer.batch_size):
-        for i, row in zip(batch, mc.shared_prefix_logprobs(scorer.model, [items[i] for i in batch], scorer.pad_id)):
+        for i, row in zip(batch, score(scorer.model, [items[i] for i in batch], scorer.pad_id)):
             by_index[i] = row
     sums = [by_index[i] for i in range(len(items))]
     acc = [max(range(len(s)), key=s.__getitem__) == q.answer for q, s in zip(kept, sums)]
