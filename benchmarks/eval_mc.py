@@ -1,4 +1,4 @@
-"""Multiple-choice scoring speed: vitune eval's batched, shared-prompt log-likelihoods against the
+"""Multiple-choice scoring speed: vitune eval's batched choice-tree log-likelihoods against the
 same questions scored one at a time (one forward per choice, as a plain loop does), and against
 lm-evaluation-harness's HF backend on the same questions and prompts when it is installed.
 

@@ -152,6 +152,16 @@ def test_two_runs_into_one_folder_are_refused(tiny_llama, tmp_path, monkeypatch)
     assert any(p.name.startswith("checkpoint-") for p in out.iterdir())
     assert ui.stop("en") == TEXT["nothing_to_stop"][0]
 
+    # Resume: the newest checkpoint, trained on to the form's (here lowered) max_steps
+    step = progress["step"]
+    form[forms.FIELDS.index("train.max_steps")] = step + 2
+    assert ui.start("en", "CPU", *form, resume=True).endswith(" --set train.resume=auto")
+    assert wait_for(ui.job) == 0
+    assert f"resuming from {out / f'checkpoint-{step}'}" in ui.job.log().replace("\n", "")
+    done = json.loads((out / "summary.json").read_text())
+    assert done["steps"] == step + 2
+    assert ui.poll("en")[0].startswith(f"**finished** · `{out}` · step {step + 2} / {step + 2}")
+
 
 def test_progress_json_says_where_a_run_is(tiny_llama, tmp_path):
     run = train_run(tmp_path, tiny_llama, "run")

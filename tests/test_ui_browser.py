@@ -165,14 +165,15 @@ def test_train_tab_validates_next_to_the_field_trains_and_plots_every_logged_los
     with pytest.raises(ConfigError) as cli:  # the CLI's own message, next to the field
         validate_config(form_config(root / "tiny-llama", ["data/alpaca_vi.jsonl"], **{"train.learning_rate": -1}),
                         source="form")
-    assert error.inner_text().strip() == f"error: {cli.value}"
+    # the page checks as the form changes too: wait for the last check, not the first answer
+    sync_api.expect(error).to_have_text(f"error: {cli.value}")
 
     page.locator("#f-lr input").fill("0.003")
     page.locator("#train-check").click()
-    page.locator("#train-message").get_by_text("The config is valid.").wait_for()
-    assert page.locator("#error-train-learning_rate").inner_text().strip() == ""
-    page.locator("#train-estimate").get_by_text("peak on CPU").wait_for()
-    assert "max_steps: 6" in page.locator("#train-yaml").inner_text()
+    sync_api.expect(page.locator("#train-message")).to_have_text("The config is valid.")
+    sync_api.expect(page.locator("#error-train-learning_rate")).to_have_text("")
+    sync_api.expect(page.locator("#train-estimate")).to_contain_text("peak on CPU")
+    sync_api.expect(page.locator("#train-yaml")).to_contain_text("max_steps: 6")
     page.locator("#train-start").click()
     status = page.locator("#train-status")
     status.get_by_text(re.compile("finished|failed")).wait_for(timeout=180_000)

@@ -433,8 +433,11 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
                                        height=260), key) for key in CURVES]
             log = L(gr.Textbox(lines=8, max_lines=12, label=t("log", lang), interactive=False, elem_id="train-log"), "log")
             form = [inputs[k] for k in forms.FIELDS]
-            check.click(ui.check_form, [lang_state, device, *form],
-                        [*(errors[k] for k in forms.FIELDS), general, estimate, advice, yaml_box])
+            checked_outputs = [*(errors[k] for k in forms.FIELDS), general, estimate, advice, yaml_box]
+            check.click(ui.check_form, [lang_state, device, *form], checked_outputs)
+            # the estimate and advice follow the form as it changes (the latest change wins)
+            gr.on([c.change for c in (*form, device)], ui.check_form, [lang_state, device, *form], checked_outputs,
+                  trigger_mode="always_last", show_progress="hidden")
             save.click(ui.save_yaml, [yaml_box, yaml_path, lang_state], general)
             start.click(ui.check_form, [lang_state, device, *form],
                         [*(errors[k] for k in forms.FIELDS), general, estimate, advice, yaml_box]).then(
