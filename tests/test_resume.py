@@ -171,7 +171,7 @@ def test_two_processes_give_the_losses_of_one_and_only_rank_0_writes(tiny_llama,
     assert json.loads((two / "summary.json").read_text())["steps"] == 3
     assert sorted(p.name for p in two.iterdir() if p.suffix in (".json", ".yaml", ".jsonl")) == [
         "config.json", "config.yaml", "data_report.json", "generation_config.json", "metrics.jsonl",
-        "summary.json", "tokenizer.json", "tokenizer_config.json"]
+        "progress.json", "summary.json", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_resume_from_a_renamed_checkpoint_folder_reads_its_step(reference, tiny_llama, tmp_path):
