@@ -69,3 +69,15 @@ def test_dry_run_refuses_a_missing_engine_file(tiny_llama, tmp_path, capsys):
                         train={"output_dir": str(tmp_path / "run"), "deepspeed": "nope.json"})
     assert main(["train", str(path), "--dry-run"]) == 2
     assert "train.deepspeed = nope.json: file not found" in capsys.readouterr().err
+
+
+def test_a_deepspeed_file_that_is_not_a_json_object_is_one_line(tmp_path):
+    broken = tmp_path / "zero.json"
+    broken.write_text('{"zero_optimization": {"stage": 2,', encoding="utf-8")
+    with pytest.raises(UserError) as exc:
+        scale_out_arguments(cfg(deepspeed=str(broken)))
+    assert str(exc.value).startswith(f"train.deepspeed = {broken}: not a JSON file (Expecting property name")
+    assert str(exc.value).endswith("; see examples/deepspeed/zero2.json")
+    broken.write_text('[2]', encoding="utf-8")
+    with pytest.raises(UserError, match=r"expected a JSON object with zero_optimization: \{stage: ...\}"):
+        scale_out_arguments(cfg(deepspeed=str(broken)))

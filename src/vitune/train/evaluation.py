@@ -21,7 +21,6 @@ their next gradient exchange; so weights sharded across ranks (train.fsdp, DeepS
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,9 +94,10 @@ def read_eval_files(config: RunConfig) -> list[EvalFile]:
 
 
 def _check_scale_out(config: RunConfig) -> None:
-    if config.train.deepspeed and Path(config.train.deepspeed).is_file():
-        settings = json.loads(Path(config.train.deepspeed).read_text(encoding="utf-8"))
-        if settings.get("zero_optimization", {}).get("stage") == 3:
+    from vitune.train.runner import deepspeed_settings
+
+    if config.train.deepspeed:
+        if deepspeed_settings(config.train.deepspeed).get("zero_optimization", {}).get("stage") == 3:
             raise ConfigError(f"the eval section cannot run with ZeRO-3 ({config.train.deepspeed}: the weights are "
                               "sharded across processes); use ZeRO-2, or evaluate the finished run with vitune eval")
 

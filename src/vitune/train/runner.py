@@ -168,6 +168,21 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
     )
 
 
+def deepspeed_settings(path: str) -> dict:
+    """The DeepSpeed config JSON of train.deepspeed; a missing or unreadable file is one line."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"train.deepspeed = {path}: file not found (see examples/deepspeed/)")
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"train.deepspeed = {path}: not a JSON file ({exc}); see examples/deepspeed/zero2.json") from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("zero_optimization", {}), dict):
+        raise UserError(f"train.deepspeed = {path}: expected a JSON object with zero_optimization: {{stage: ...}} "
+                        "(see examples/deepspeed/zero2.json)")
+    return settings
+
+
 def scale_out_arguments(config: RunConfig) -> dict:
     """train.deepspeed / train.fsdp as TrainingArguments take them (the engines do the work)."""
     import yaml
@@ -177,10 +192,7 @@ def scale_out_arguments(config: RunConfig) -> dict:
     t = config.train
     if t.deepspeed:
         path = Path(t.deepspeed)
-        if not path.is_file():
-            raise UserError(f"train.deepspeed = {t.deepspeed}: file not found (see examples/deepspeed/)")
-        settings = json.loads(path.read_text(encoding="utf-8"))
-        stage = settings.get("zero_optimization", {}).get("stage")
+        stage = deepspeed_settings(t.deepspeed).get("zero_optimization", {}).get("stage")
         if config.method.type == "qlora" and stage == 3:
             raise UserError(
                 f"train.deepspeed = {t.deepspeed}: QLoRA with ZeRO-3 shards 4-bit weights, which needs "
