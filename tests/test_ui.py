@@ -38,11 +38,20 @@ def test_the_form_writes_the_config_a_user_would_write():
     assert qlora == {"type": "qlora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0}, "quantization": {"bits": 4}}
 
 
-def test_a_folder_in_the_data_field_stands_for_its_data_files(tmp_path):
-    for name in ("b.jsonl", "a.csv", "notes.md"):
-        (tmp_path / name).write_text("x", encoding="utf-8")
-    assert forms.data_paths(f"{tmp_path}\n\n data/x.jsonl ") == [str(tmp_path / "a.csv"), str(tmp_path / "b.jsonl"),
-                                                                  "data/x.jsonl"]
+def test_the_data_field_takes_paths_as_data_train_does(tiny_llama, tmp_path):
+    assert forms.data_paths(f"{tmp_path}\n\n data/x.jsonl , org/dataset ") == [str(tmp_path), "data/x.jsonl", "org/dataset"]
+    assert forms.data_paths(None) == [] and forms.data_paths(True) == ["True"]
+    good = {"model.name_or_path": str(tiny_llama), "data.max_length": 512}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    checked = forms.check({**forms.DEFAULTS, **good, "data.train": str(empty)})
+    assert (checked.field, checked.message) == (
+        "data.train", f"data.train: {empty}: folder has no data files (.json, .jsonl, .csv, .parquet, .arrow, .txt)")
+    write_jsonl(empty / "rows.jsonl", [{"instruction": "Thủ đô của Việt Nam là gì?", "output": "Hà Nội."}])
+    checked = forms.check({**forms.DEFAULTS, **good, "data.train": str(empty)})  # a folder of data files
+    assert checked.message == "" and checked.config.data.train[0].path == str(empty)
+    assert forms.check({**forms.DEFAULTS, **good, "data.train": str(tmp_path / "no.jsonl")}).message == (
+        f"data.train: file not found: {tmp_path / 'no.jsonl'}")
 
 
 def test_each_problem_is_the_cli_message_against_its_field(tiny_llama, monkeypatch):

@@ -4,17 +4,14 @@ reported against the field whose key the message names."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from vitune.config import RunConfig, validate_config
+from vitune.data.sources import looks_local, resolve_files
 from vitune.errors import UserError
-
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 # every key of the form, in the order of the page; values come back from the page in this order
 FIELDS = (
@@ -55,19 +52,11 @@ class Checked:
         return yaml.safe_dump(self.raw, sort_keys=False, allow_unicode=True) if self.config else ""
 
 
-def data_paths(text: str) -> list[str]:
-    """One path per line (or comma); a folder stands for its data files, sorted."""
-    out = []
+def data_paths(text) -> list[str]:
+    """One path per line (or comma), as data.train[].path takes them: a file, a folder of data files,
+    a glob or a Hub dataset name (data.sources reads each)."""
     text = text if isinstance(text, str) else "" if text is None else str(text)  # a page sends any type
-    for item in (p.strip() for line in text.splitlines() for p in line.split(",")):
-        if not item:
-            continue
-        folder = Path(os.path.expanduser(item))
-        if folder.is_dir():
-            out += sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
-        else:
-            out.append(item)
-    return out
+    return [p.strip() for line in text.splitlines() for p in line.split(",") if p.strip()]
 
 
 def raw_config(values: dict) -> dict:
@@ -118,10 +107,13 @@ def check(values: dict) -> Checked:
     raw = raw_config(values)
     if not raw.get("data", {}).get("train"):
         return Checked(None, "data.train", "data.train: give at least one data file")
-    for spec in raw["data"]["train"]:
-        path = spec["path"]
-        if Path(path).suffix.lower() in DATA_SUFFIXES and not Path(os.path.expanduser(path)).is_file():
-            return Checked(None, "data.train", f"data.train: file not found: {path}")
+    for spec in raw["data"]["train"]:  # as training will read them (a local path that finds nothing fails)
+        try:
+            missing = looks_local(spec["path"]) and not resolve_files(spec["path"])
+        except UserError as exc:  # e.g. a folder without data files
+            return Checked(None, "data.train", f"data.train: {exc}")
+        if missing:
+            return Checked(None, "data.train", f"data.train: file not found: {spec['path']}")
     try:
         config = validate_config(raw, source="form")
     except UserError as exc:
