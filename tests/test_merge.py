@@ -108,8 +108,8 @@ def test_merged_qlora_equals_its_dequantised_4bit_base_plus_adapter(tiny_llama, 
 
 
 def test_the_two_stage_vocabulary_recipe_extend_pt_merge_then_lora(tiny_llama, tmp_path):
-    """README's recipe: extend the vocabulary, train the new rows (pt + train_tokens), merge, then an
-    ordinary LoRA fine-tune of the merged folder, whose adapter carries no embedding copies."""
+    """The recipe of docs/stages/pt.md: extend the vocabulary, train the new rows (pt + train_tokens),
+    merge, then an ordinary LoRA fine-tune of the merged folder, whose adapter carries no embedding copies."""
     extended = tmp_path / "extended"
     assert main(["vocab", "extend", str(tiny_llama), "--corpus", str(CORPUS), "--new-tokens", "64",
                  "--out", str(extended)]) == 0
