@@ -3,7 +3,8 @@
 the tiny Llama model; every figure the page shows is checked against the function the CLI uses.
 
 `make test` installs Chromium (Debian's package) when it is missing. VITUNE_UI_SCREENSHOTS=DIR
-saves a screenshot of each tab there (docs/ holds the README's).
+saves a screenshot of each tab there (docs/assets/ holds the documentation's:
+`VITUNE_UI_SCREENSHOTS=docs/assets python -m pytest tests/test_ui_browser.py`).
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ import pytest
 from conftest import ROOT, write_jsonl
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-SHOTS = os.environ.get("VITUNE_UI_SCREENSHOTS")
+# resolved now: the tests change the working folder to the UI's
+SHOTS = Path(os.environ["VITUNE_UI_SCREENSHOTS"]).resolve() if os.environ.get("VITUNE_UI_SCREENSHOTS") else None
 
 if not Path(CHROMIUM).is_file():
     if os.environ.get("CI"):  # CI must run these: a missing browser is a failure there, not a skip
         raise RuntimeError("Chromium is missing: `make test` installs Debian's chromium package")
     pytest.skip("Chromium is not installed (make test installs Debian's chromium package)", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
+
+
+WORKSPACE: Path | None = None  # the UI's working folder (the workspace fixture)
 
 
 def free_port() -> int:
@@ -40,11 +45,19 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    # the README's screenshots show short paths: their runs go under the repository's runs/
-    root = (ROOT / "runs" / "ui-shots") if SHOTS else tmp_path_factory.mktemp("ui") / "runs"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+def workspace(tmp_path_factory) -> Path:
+    """The UI's working folder, holding the bundled data/ and the run folders (runs/): every path
+    typed into the page is relative to it, so the screenshots show no path of this machine."""
+    global WORKSPACE
+    WORKSPACE = tmp_path_factory.mktemp("ui")
+    shutil.copytree(ROOT / "data", WORKSPACE / "data")
+    return WORKSPACE
+
+
+@pytest.fixture(scope="module")
+def root(workspace) -> Path:
+    root = workspace / "runs"
+    root.mkdir()
     subprocess.run([sys.executable, "-m", "vitune", "init-model", "--arch", "llama", "--out", str(root / "tiny-llama")],
                    check=True, capture_output=True, cwd=ROOT)
     return root
@@ -54,8 +67,8 @@ def root(tmp_path_factory) -> Path:
 def server(root):
     port = free_port()
     log = open(root.parent / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vitune", "ui", "--root", str(root), "--port", str(port), "--lang", "en"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "vitune", "ui", "--root", rel(root), "--port", str(port), "--lang", "en"],
+                            cwd=root.parent, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -92,17 +105,14 @@ def page(browser, server):
 
 def shot(page, name: str) -> None:
     if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        SHOTS.mkdir(parents=True, exist_ok=True)
         time.sleep(1)  # plots draw after their data arrives
-        page.screenshot(path=str(Path(SHOTS) / f"ui-{name}.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / f"ui-{name}.png"), full_page=True)
 
 
 def rel(path: Path) -> str:
-    """A path as typed into the page: relative to the server's working folder where it can be."""
-    try:
-        return str(Path(path).relative_to(ROOT))
-    except ValueError:
-        return str(path)
+    """A path as typed into the page: relative to the server's working folder (the workspace)."""
+    return str(Path(path).relative_to(WORKSPACE))
 
 
 def form_config(model: Path, data: list[str], **settings) -> dict:
@@ -112,18 +122,18 @@ def form_config(model: Path, data: list[str], **settings) -> dict:
     return forms.raw_config(values)
 
 
-def test_data_tab_shows_the_counts_formats_and_rejected_rows_of_vitune_data_inspect(page, root, tmp_path, monkeypatch):
+def test_data_tab_shows_the_counts_formats_and_rejected_rows_of_vitune_data_inspect(page, root, monkeypatch):
     from vitune.config import validate_config
     from vitune.train.stages import inspect_data
     from vitune.ui import forms
 
-    monkeypatch.chdir(ROOT)  # the page's server runs there: data/... is read from there
-    bad = write_jsonl(tmp_path / "bad.jsonl", [
+    monkeypatch.chdir(root.parent)  # the page's server runs there: data/... is read from there
+    bad = write_jsonl(root.parent / "bad.jsonl", [
         {"instruction": "Thủ đô của Việt Nam là gì?", "output": "Hà Nội."},
         "{not json",
         {"instruction": "Một câu hỏi không có câu trả lời"},
     ])
-    files = ["data/alpaca_vi.jsonl", "data/sharegpt_vi.jsonl", str(bad)]
+    files = ["data/alpaca_vi.jsonl", "data/sharegpt_vi.jsonl", rel(bad)]
     raw = forms.inspection_config(rel(root / "tiny-llama"), "auto", "\n".join(files), 1024, True)
     expected = inspect_data(validate_config(raw)).stats
 
@@ -140,7 +150,7 @@ def test_data_tab_shows_the_counts_formats_and_rejected_rows_of_vitune_data_insp
     p = expected["length_percentiles"]
     assert f"{p['p50']} / {p['p90']} / {p['p99']} / {p['max']}" in text
     rejected = page.locator("#data-rejected").inner_text()
-    assert f"{bad}:2" in rejected and f"{bad}:3" in rejected
+    assert "bad.jsonl:2" in rejected and "bad.jsonl:3" in rejected and str(root.parent) not in rejected
     # the rendered rows: the trained tokens are marked (the first row's answer is among them)
     rows = page.locator("#data-rows")
     rows.get_by_text("row 1 of 441").wait_for()
