@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from vitune import __version__
 from vitune.config import DataConfig, cache_home, file_sha256
 from vitune.data.records import Rejection
 from vitune.data.sources import resolve_files
@@ -30,8 +31,6 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(data: DataConfig, tokenizer, template, seed: int) -> str:
-    from vitune import __version__
-
     h = hashlib.sha256()
 
     def add(label: str, value) -> None:

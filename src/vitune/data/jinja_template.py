@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Optional
+from typing import Iterable, Optional
 
 from vitune.data.records import Conversation, Message
 from vitune.errors import ConfigError, DataError
@@ -173,11 +173,12 @@ class JinjaTemplate:
             return self.render(conv, [False] * len(conv.messages)).text + text[len(plain):]
         return text
 
-    def check(self) -> "JinjaTemplate":
+    def check(self, builtin_names: Iterable[str]) -> "JinjaTemplate":
         """Try the template on a short conversation, without and with a system prompt:
-        raise ConfigError if it cannot be used at all, note what vitune does about the rest."""
-        from vitune.data.templates import TEMPLATES  # the built-ins to offer instead (they import this module)
-
+        raise ConfigError if it cannot be used at all, note what vitune does about the rest.
+        `builtin_names`: the built-in templates the error offers instead (the registry in
+        templates.py, which builds on this module, passes them down)."""
+        builtins = ", ".join(builtin_names)
         found: list = []
         try:
             _, found = self._locate(Conversation(list(PROBE[:2])))  # one exchange: what every template must take
@@ -191,12 +192,12 @@ class JinjaTemplate:
                 raise ConfigError(
                     f"the tokenizer's chat template cannot render a plain user/assistant conversation: {exc.detail.split(': ', 1)[-1]} "
                     "(a tool-use or otherwise special template?); fix chat_template in tokenizer_config.json or "
-                    f"choose a built-in template with model.template ({', '.join(TEMPLATES)})"
+                    f"choose a built-in template with model.template ({builtins})"
                 ) from None
             raise ConfigError(
                 "the tokenizer's chat template does not render conversations turn by turn (an answer's text "
                 f"does not appear in its rendering), so assistant turns cannot be located; choose a built-in "
-                f"template with model.template ({', '.join(TEMPLATES)})"
+                f"template with model.template ({builtins})"
             ) from None
         return self._check_found(found)
 

@@ -22,7 +22,7 @@ from vitune.data.formats import OTHER_PARSERS, RowProblem
 from vitune.data.pipeline import (
     DataReport, _normalize, _place_system_prompt, formatted_rows, load_records, raise_for_bad_rows,
 )
-from vitune.data.records import Preference, Rejection
+from vitune.data.records import Conversation, Message, Preference, Rejection
 from vitune.data.templates import Template, TemplateRefused
 from vitune.data.tokenize import IGNORE, TokenizedRow, tokenize_conversations
 from vitune.errors import DataError
@@ -81,8 +81,6 @@ def read_preferences(spec: DatasetSpec, data: DataConfig, report: DataReport, st
 
 def _normalized(record: Preference, data: DataConfig, report: DataReport) -> Preference:
     """Vietnamese normalisation and data.system_prompt, as for SFT (counted once per row)."""
-    from vitune.data.records import Conversation, Message
-
     answers = [a for a in (record.chosen, record.rejected) if a is not None]
     holder = Conversation([*record.prompt_messages, *answers], system=record.system, source=record.source)
     report.rows_normalized += _normalize(holder, data.normalize)

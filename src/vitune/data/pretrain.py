@@ -26,6 +26,7 @@ from typing import Iterable, Iterator
 from vitune.config import DataConfig, DatasetSpec
 from vitune.data.formats import RowProblem, parse_text
 from vitune.data.normalize import normalize_with_change
+from vitune.data.pipeline import DataReport, formatted_rows, load_records, raise_for_bad_rows
 from vitune.data.records import Rejection, Text
 from vitune.data.tokenize import TokenizedRow
 from vitune.errors import ConfigError, DataError
@@ -33,8 +34,6 @@ from vitune.errors import ConfigError, DataError
 
 def read_texts(spec: DatasetSpec, data: DataConfig, report) -> list[Text]:
     """One dataset entry -> its documents (normalised); unusable rows go to the report."""
-    from vitune.data.pipeline import formatted_rows
-
     texts: list[Text] = []
     for raw, row_format in formatted_rows(spec, report, "text", lambda: len(texts)):
         text = text_of(raw, row_format, spec, report)
@@ -120,8 +119,6 @@ def tokenize_texts(texts: Iterable[Text], tokenizer, max_length: int, report, co
 
 def prepare_pretrain_data(data: DataConfig, tokenizer, seed: int):
     """-> (train rows, eval rows, report): documents read, normalised, tokenised and chunked."""
-    from vitune.data.pipeline import DataReport, load_records, raise_for_bad_rows
-
     report = DataReport()
     train_texts, eval_texts = load_records(data, seed, report, lambda spec: read_texts(spec, data, report),
                                            what="text")

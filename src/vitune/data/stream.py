@@ -33,8 +33,11 @@ from typing import Iterator
 import torch
 
 from vitune.config import DataConfig, DatasetSpec
+from vitune.data.formats import detect_format
+from vitune.data.pipeline import DataReport
+from vitune.data.pretrain import document_end_id, document_ids, normalised, text_of
 from vitune.data.records import Rejection
-from vitune.data.sources import RANGE_SUFFIXES, resolve_files
+from vitune.data.sources import RANGE_SUFFIXES, read_range, resolve_files
 from vitune.errors import ConfigError, DataError
 
 POSITION_FILE = "stream-{rank}.json"
@@ -81,8 +84,6 @@ class TextStream(torch.utils.data.IterableDataset):
 
     def __init__(self, data: DataConfig, tokenizer, rank: int = 0, world: int = 1,
                  position: StreamPosition | None = None):
-        from vitune.data.pretrain import document_end_id
-
         self.data = data
         self.tokenizer = tokenizer
         self.files = stream_files(data)
@@ -99,8 +100,6 @@ class TextStream(torch.utils.data.IterableDataset):
     def documents(self, position: StreamPosition) -> Iterator[tuple[int, int, list[int] | None]]:
         """(file index, byte offset, token ids or None for an unusable row) of every row from
         `position` on, epoch after epoch; the first is the document the position points into."""
-        from vitune.data.sources import read_range
-
         self.epoch, index, offset = position.epoch, position.file, position.offset
         while True:
             whole_pass, found = index == 0 and offset is None, False
@@ -120,10 +119,6 @@ class TextStream(torch.utils.data.IterableDataset):
     def _tokens(self, raw, spec: DatasetSpec) -> list[int] | None:
         """A raw row -> its document's token ids; None for a row that is not usable text (with
         data.on_error: raise, one line naming it)."""
-        from vitune.data.formats import detect_format
-        from vitune.data.pipeline import DataReport
-        from vitune.data.pretrain import document_ids, normalised, text_of
-
         report = DataReport()
         text = None
         if raw.row is None:

@@ -354,7 +354,7 @@ def resolve_template(name: str, tokenizer) -> Template:
     for template in TEMPLATES.values():
         if template.jinja() == source:
             return template
-    return JinjaTemplate(tokenizer=tokenizer, source=source).check()
+    return JinjaTemplate(tokenizer=tokenizer, source=source).check(builtin_names=TEMPLATES)
 
 
 def stop_token_ids(tokenizer, template) -> list[int]:
