@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vitune.errors import UserError
+from vitune.models.loading import _check_model_path, _load_error, damaged_files
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,6 @@ def read_architecture(model_config: Any) -> Architecture:
 def load_model_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config.json only (a Hub id downloads just that file), never its weights."""
     from transformers import AutoConfig
-
-    from vitune.models.loading import _check_model_path, _load_error, damaged_files
 
     source = _check_model_path(name_or_path)
     try:

@@ -56,6 +56,7 @@ from typing import Any
 from vitune.config import RunConfig
 from vitune.errors import UserError
 from vitune.models.architecture import Architecture, Linear, lora_targets, read_architecture, tensor_shapes
+from vitune.models.optimizers import resolve_optimizer
 
 GIB = 2**30
 
@@ -270,8 +271,6 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
     saved_bytes = 4 if qlora else wbytes  # a copy of the (possibly upcast) module
     adapter = 0.0 if full else trainable * tbytes + saved_params * saved_bytes
     gradients = trainable * tbytes + saved_params * saved_bytes
-    from vitune.models.optimizers import resolve_optimizer
-
     optimizer = resolve_optimizer(train.optimizer, bool(train.fsdp))[0]  # auto -> what the run would use here
     states = optimizer_bytes(optimizer, train_shapes, tbytes) + optimizer_bytes(optimizer, extra_shapes, saved_bytes)
     step_temp = gradients if optimizer == "adamw_torch" else 0.0  # foreach sqrt(exp_avg_sq)

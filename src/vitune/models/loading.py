@@ -18,7 +18,7 @@ from typing import Optional
 
 from vitune.config import MethodConfig, ModelConfig
 from vitune.errors import UserError
-from vitune.models.gguf import is_gguf
+from vitune.models.gguf import is_gguf, model_source
 
 
 def _looks_local(name: str) -> bool:
@@ -27,8 +27,6 @@ def _looks_local(name: str) -> bool:
 
 def _check_model_path(name: str, needs: str = "config.json") -> str:
     """The folder or Hub id to load `name` from (a .gguf file: its converted folder), checked."""
-    from vitune.models.gguf import model_source
-
     if is_gguf(name):
         return model_source(name)
     path = Path(os.path.expanduser(name))
@@ -243,8 +241,6 @@ def check_adapter_base(adapter: str, name_or_path: str, allow_pickle: bool, labe
 def model_source_name(name: str) -> str:
     """The folder a model name loads from (a .gguf file: its converted folder, without converting)."""
     if is_gguf(name):
-        from vitune.models.gguf import model_source
-
         return model_source(name)
     return name
 

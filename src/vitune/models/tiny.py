@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitune.data.templates import get_template
 from vitune.errors import UserError
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "data"
@@ -76,8 +77,6 @@ def train_tiny_tokenizer(family: TinyFamily, vocab_size: int = 4096):
     """A byte-level BPE tokenizer (like Llama 3's and Qwen2's) trained on the bundled data."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from vitune.data.templates import get_template
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

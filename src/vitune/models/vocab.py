@@ -28,7 +28,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitune.data.normalize import normalize_text
+from vitune.data.sources import read_rows
 from vitune.errors import ConfigError, DataError, UserError
+from vitune.models.loading import load_pretrained, load_tokenizer
 
 MAX_VOCAB = 2**31 - 1  # token ids are int32 in tokenizers' output, ONNX and many kernels
 SUPPORTED = ("BPE tokenizers in tokenizer.json: SentencePiece-style with '▁' (Llama-2, Mistral) "
@@ -50,9 +53,6 @@ def read_corpus(paths: list[str]) -> tuple[list[str], int]:
 
     `.txt`: documents separated by a blank line. `.jsonl`/`.json`/`.csv`/`.parquet`: a `text`
     column, or else the strings of the usual instruction/conversation/preference keys."""
-    from vitune.data.normalize import normalize_text
-    from vitune.data.sources import read_rows
-
     docs: list[str] = []
     for path in paths:
         file = Path(path)
@@ -391,8 +391,6 @@ def _source_spec(model: str) -> tuple[Path, dict, bool]:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UserError(f"{file}: not a valid tokenizer.json ({exc}); restore it from the original model") from None
     else:
-        from vitune.models.loading import load_tokenizer
-
         spec = json.loads(load_tokenizer(model).backend_tokenizer.to_str())
     weights = (folder / "config.json").is_file() and any(folder.glob("*.safetensors")) | any(folder.glob("*.bin"))
     return folder, spec, weights
@@ -489,8 +487,6 @@ def extend_vocabulary(model: str, corpus: list[str], new_tokens: int, out: str |
 
 def _write_model(folder: Path, target: Path, ext: Extension, pad_to_multiple_of: int | None) -> dict:
     from transformers import AutoModelForCausalLM
-
-    from vitune.models.loading import load_pretrained
 
     model = load_pretrained(AutoModelForCausalLM, str(folder), allow_pickle=False, dtype="auto")
     before, after = grow_embeddings(model, ext, pad_to_multiple_of)
