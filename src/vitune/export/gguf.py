@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vitune.errors import DISK_ERRNOS, UserError
+from vitune.export.gguf_vocab import gguf_vocab
+from vitune.export.merge import merge_run
+from vitune.models.gguf import is_gguf
 from vitune.models.loading import damaged_files
 
 # --quant -> the ggml type of the 2-D weights; 1-D weights (norms, biases) stay float32
@@ -98,15 +101,11 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16", force: 
 
 def model_folder(source: Path, work: Path, say) -> Path:
     """A folder of full weights for `source`: itself, or for an adapter run its merge into `work`."""
-    from vitune.models.gguf import is_gguf
-
     if is_gguf(source):
         raise UserError(f"{source} is already a GGUF file; give the run or model folder it came from")
     if not source.is_dir():
         raise UserError(f"{source}: folder not found (give a run folder such as runs/quickstart, or a model folder)")
     if (source / "adapter_config.json").is_file():
-        from vitune.export.merge import merge_run
-
         say(f"merging the adapter of {source} into its base first (as `vitune merge`)")
         merge_run(source, work / "merged", dtype="float32")
         return work / "merged"
@@ -368,8 +367,6 @@ def _file_type(quant: str) -> int:
 def write_tokenizer(writer, folder: Path, family: GGUFFamily, config) -> dict:
     """Tokens, types, merges or scores, pre-tokenizer, special ids and the chat template; returns
     what was written (for the report and the tests)."""
-    from vitune.export.gguf_vocab import gguf_vocab
-
     vocab = gguf_vocab(folder, config.vocab_size)
     writer.add_tokenizer_model(vocab.model)
     if vocab.pre:

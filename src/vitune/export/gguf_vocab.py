@@ -22,7 +22,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vitune.errors import UserError
+from vitune.data.templates import TemplateRefused, resolve_template, stop_token_ids
+from vitune.errors import ConfigError, UserError
+from vitune.models.loading import load_tokenizer
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -52,8 +54,6 @@ class GGUFVocab:
 
 def gguf_vocab(folder: Path, rows: int) -> GGUFVocab:
     """The tokenizer of the model folder `folder` for an embedding of `rows` rows."""
-    from vitune.models.loading import load_tokenizer
-
     tokenizer = load_tokenizer(str(folder))
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -143,9 +143,6 @@ def special_ids(tokenizer) -> tuple[dict[str, int], bool, bool]:
     """bos / eos / unk / pad ids, and eot: the first token (other than EOS) that ends a turn in the
     chat template, so llama.cpp stops at <|eot_id|> / <|im_end|> and not only at EOS. Also whether
     the tokenizer adds BOS / EOS itself."""
-    from vitune.data.templates import TemplateRefused, resolve_template, stop_token_ids
-    from vitune.errors import ConfigError
-
     special = {}
     for key, value in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                        ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):

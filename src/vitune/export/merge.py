@@ -24,15 +24,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vitune.errors import UserError
+from vitune.config import load_run_config
+from vitune.data.templates import TemplateRefused, resolve_template, stop_token_ids
+from vitune.errors import ConfigError, UserError
+from vitune.models.loading import check_adapter_base, load_model, load_tokenizer
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_run(run: Path):
     """The run's config, or one line saying why this folder cannot be merged."""
-    from vitune.config import load_run_config
-
     if not run.is_dir():
         raise UserError(f"{run}: folder not found (give a run folder such as runs/quickstart)")
     if not (run / "config.yaml").is_file():
@@ -54,10 +55,6 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", qlora_base:
               force: bool = False) -> dict:
     """Merge a LoRA / QLoRA run into its base and write the model folder `out`; returns what was done."""
     from peft import PeftModel
-
-    from vitune.data.templates import TemplateRefused, resolve_template, stop_token_ids
-    from vitune.errors import ConfigError
-    from vitune.models.loading import check_adapter_base, load_model, load_tokenizer
 
     run, out = Path(run), Path(out)
     config = check_run(run)
