@@ -6,7 +6,7 @@ Three stacks, one process, same model weights, tokenizer and token rows:
 
   trl-padded   SFTTrainer, packing=False (rows padded to the longest of the batch)
   trl-packed   SFTTrainer, packing=True (BFD bins of 1024, a batch of 8 flattened into one row)
-  vitune       `vitune train` defaults (packing on) through the real runner, run_sft
+  vitune       `vitune train` defaults (packing on) through the real runner, run_training
 
 TRL gets vitune's token ids and labels as a pre-tokenised dataset, so both stacks train on
 exactly the same tokens with the same labels; both normalise the loss by trained tokens.
@@ -118,7 +118,7 @@ def run_vitune(model_dir: Path, data_file: Path, steps: int, out: Path) -> dict:
     from rich.console import Console
 
     from vitune.config import validate_config
-    from vitune.train.sft import run_sft
+    from vitune.train.runner import run_training
 
     config = validate_config({
         "model": {"name_or_path": str(model_dir)},
@@ -127,7 +127,7 @@ def run_vitune(model_dir: Path, data_file: Path, steps: int, out: Path) -> dict:
         "train": {"max_steps": steps, "micro_batch_size": BATCH, "learning_rate": LR, "output_dir": str(out),
                   "overwrite": True, "logging_steps": 1, "report_to": ["none"]},
     })
-    result = run_sft(config, Console(quiet=True))
+    result = run_training(config, Console(quiet=True))
     return {**rate_from_metrics(out / "metrics.jsonl"), "steps": steps, "final_loss": result.summary["final_loss"],
             "summary": result.summary}
 

@@ -119,7 +119,12 @@ def run_vitune(args, rows, out: Path, overrides: list[str]) -> dict:
 
     from vitune.config import apply_override, validate_config
     from vitune.models.loading import adapt_model, resolve_attention, resolve_dtype
-    from vitune.train.runner import fit, plan_speed
+    from vitune.data.pipeline import DataReport
+    from vitune.models.optimizers import resolve_optimizer
+    from vitune.train.arguments import plan_speed, resolve_scale_out
+    from vitune.train.runner import fit
+    from vitune.train.stage import PreparedRun
+    from vitune.train.stages import STAGES
 
     raw = {
         "model": {"name_or_path": "synthetic-llama"},
@@ -135,7 +140,10 @@ def run_vitune(args, rows, out: Path, overrides: list[str]) -> dict:
     model = build_model(args.shape, resolve_attention(config.model.attn_implementation), resolve_dtype(config.model.dtype))
     plan = plan_speed(config, model)
     model = adapt_model(model, config.method, plan.checkpoint_every > 0)
-    trainer, summary = fit(config, model, rows, [], out, plan, Console(quiet=True), pad_token_id=0)
+    # the runner's prepared run, of rows made in memory (no tokenizer: pad id 0)
+    run = PreparedRun(STAGES["sft"], None, None, rows, [], DataReport(), scale_out=resolve_scale_out(config),
+                      optimizer=resolve_optimizer(config.train.optimizer)[0], pad_token_id=0)
+    trainer, summary = fit(config, model, run, out, plan, Console(quiet=True))
     return {**rate_from_metrics(out / "metrics.jsonl"), "steps": args.steps, "final_loss": summary["final_loss"],
             "setup": summary["speed"] + f", micro-batch {config.train.micro_batch_size} x {args.max_length} tokens",
             "model": model, "summary": summary}

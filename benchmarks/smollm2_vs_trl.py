@@ -13,7 +13,7 @@ all-linear. QLoRA: NF4 with double quantisation through bitsandbytes on the CPU,
 peft's prepare_model_for_kbit_training (no checkpointing), then the same LoRA; as in vitune
 (vitune.models.loading.load_model / quantization_config / adapt_model).
 
-  vitune  the real runner, vitune.train.sft.run_sft, with its defaults (packing on: best-fit
+  vitune  the real runner, vitune.train.runner.run_training, with its defaults (packing on: best-fit
           bins of up to 1024 tokens, row-wise SDPA, LM head only where a token is trained)
   trl     SFTTrainer on vitune's token ids and labels as a pre-tokenised dataset, so both train
           on exactly the same token rows with the same labels; by default packing=True (BFD,
@@ -28,7 +28,7 @@ fp32 (`--trl-qlora-adapters bf16` keeps TRL's own choice).
 Every (stack, method) runs in its own subprocess (this script with --child), one after the
 other, so that the peak RSS is that run's alone: the parent reads it from os.wait4's rusage
 of that child (ru_maxrss); the child also reports its own, and vitune's at the end of training,
-before run_sft writes the final model. Throughput = real tokens / seconds from the end of the
+before run_training writes the final model. Throughput = real tokens / seconds from the end of the
 first optimizer step to the end of the last (the first step pays one-time costs), from
 benchmarks/common.py (StepClock for TRL, vitune's own metrics.jsonl for vitune).
 
@@ -141,9 +141,9 @@ def child_vitune(config) -> dict:
 
     import vitune.train.sharding as sharding
     from vitune.models.optimizers import resolve_optimizer
-    from vitune.train.sft import run_sft
+    from vitune.train.runner import run_training
 
-    # run_sft writes the final model after training (TRL saves nothing): note the peak before it
+    # run_training writes the final model after training (TRL saves nothing): note the peak before it
     at_save = {}
     save = sharding.save_final_model
 
@@ -152,7 +152,7 @@ def child_vitune(config) -> dict:
         return save(*args, **kwargs)
 
     sharding.save_final_model = noting_peak
-    result = run_sft(config, Console(quiet=True))
+    result = run_training(config, Console(quiet=True))
     out = Path(config.train.output_dir)
     s = result.summary
     return {**rate_from_metrics(out / "metrics.jsonl"), "steps": s["steps"], "first_loss": s["first_loss"],

@@ -25,7 +25,7 @@ from vitune.eval import report
 from vitune.eval.runner import evaluate
 from vitune.infer.chat import load_chat_model
 from vitune.models.presets import PRESETS, write_preset
-from vitune.train.sft import run_sft
+from vitune.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "smollm2-135m-instruct"
@@ -60,7 +60,7 @@ def main() -> int:
     del base
 
     console.rule("3. fine-tune with LoRA on the bundled Vietnamese data")
-    result = run_sft(config, console)
+    result = run_training(config, console)
     s = result.summary
     console.print(f"{s['steps']} steps in {s['seconds']:.0f} s, {s['tokens_per_s']:,.0f} tokens/s; "
                   f"training loss {s['first_loss']:.3f} -> {s['final_loss']:.3f}")

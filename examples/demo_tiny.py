@@ -18,7 +18,7 @@ from vitune.config import load_config
 from vitune.data.records import Message
 from vitune.infer.chat import load_chat_model
 from vitune.models.tiny import init_tiny_model
-from vitune.train.sft import run_sft
+from vitune.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def main() -> int:
     console.print(f"random Llama-architecture model and BPE tokenizer written to {folder}")
 
     console.rule("2. fine-tune on the bundled Vietnamese data")
-    result = run_sft(config, console)
+    result = run_training(config, console)
     s = result.summary
     console.print(f"[bold]loss at start {s['first_loss']:.3f} -> at end {s['final_loss']:.3f}[/] "
                   f"({s['steps']} steps, {s['seconds']:.0f} s, {s['tokens_per_s']:,.0f} tokens/s)")

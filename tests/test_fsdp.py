@@ -237,13 +237,13 @@ def test_auto_optimizer_under_fsdp_is_adamw_torch_and_bitsandbytes_ones_are_refu
     from vitune.config import validate_config
     from vitune.errors import UserError
     from vitune.models.optimizers import resolve_optimizer
-    from vitune.train.runner import scale_out_arguments
+    from vitune.train.arguments import resolve_scale_out
 
     assert resolve_optimizer("auto", fsdp=True) == ("adamw_torch", None)
     config = validate_config({"model": {"name_or_path": "m"}, "data": {"train": [{"path": "x"}]},
                               "train": {"fsdp": str(FSDP2), "optimizer": "adamw_bnb_8bit"}})
     with pytest.raises(UserError) as error:
-        scale_out_arguments(config)
+        resolve_scale_out(config)
     assert str(error.value) == (
         "train.optimizer = adamw_bnb_8bit cannot update FSDP's sharded parameters (bitsandbytes optimizers "
         "take plain tensors); use train.optimizer: adamw_torch (or auto) with train.fsdp")
@@ -252,14 +252,14 @@ def test_auto_optimizer_under_fsdp_is_adamw_torch_and_bitsandbytes_ones_are_refu
 def test_full_state_dict_checkpoints_are_refused_in_one_line(tmp_path):
     from vitune.config import validate_config
     from vitune.errors import UserError
-    from vitune.train.runner import scale_out_arguments
+    from vitune.train.arguments import resolve_scale_out
 
     fsdp = tmp_path / "full.yaml"
     fsdp.write_text(FSDP2.read_text().replace("SHARDED_STATE_DICT", "FULL_STATE_DICT"), encoding="utf-8")
     config = validate_config({"model": {"name_or_path": "m"}, "data": {"train": [{"path": "x"}]},
                               "train": {"fsdp": str(fsdp)}})
     with pytest.raises(UserError) as error:
-        scale_out_arguments(config)
+        resolve_scale_out(config)
     assert str(error.value) == (
         f"train.fsdp = {fsdp}: fsdp_config.state_dict_type FULL_STATE_DICT checkpoints cannot be resumed; use "
         "SHARDED_STATE_DICT (examples/fsdp/fsdp2.yaml): the final model folder is whole either way")

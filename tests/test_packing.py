@@ -20,8 +20,8 @@ from vitune.errors import UserError
 from vitune.models.attention import PACKED_SDPA, packed_attention
 from vitune.models.loading import load_model
 from vitune.train.collate import PackedCollator, PadCollator
-from vitune.train.runner import plan_speed
-from vitune.train.sft import run_sft
+from vitune.train.arguments import plan_speed
+from vitune.train.runner import run_training
 from vitune.train.trainer import VituneTrainer
 
 from conftest import ROOT
@@ -186,8 +186,8 @@ def run_config(model, out, packing, **train):
 def test_packed_run_reaches_the_loss_of_a_padded_run(tiny_llama, tmp_path):
     # One micro-batch holds every row, so each optimizer step sees the same tokens packed or
     # padded: with a token-exact loss both runs follow the same path.
-    padded = run_sft(run_config(tiny_llama, tmp_path / "padded", packing=False), None).summary
-    packed = run_sft(run_config(tiny_llama, tmp_path / "packed", packing=True), None).summary
+    padded = run_training(run_config(tiny_llama, tmp_path / "padded", packing=False), None).summary
+    packed = run_training(run_config(tiny_llama, tmp_path / "packed", packing=True), None).summary
     assert packed["real_tokens"] == padded["real_tokens"]
     assert packed["final_loss"] < padded["first_loss"] - 2.0  # it learnt something
     assert packed["final_loss"] == pytest.approx(padded["final_loss"], abs=2e-3)
@@ -197,7 +197,7 @@ def test_packed_run_reaches_the_loss_of_a_padded_run(tiny_llama, tmp_path):
 
 def test_telemetry_in_metrics_progress_and_summary(tiny_llama, tmp_path):
     out = tmp_path / "run"
-    summary = run_sft(run_config(tiny_llama, out, packing=True, max_steps=2, micro_batch_size=2), None).summary
+    summary = run_training(run_config(tiny_llama, out, packing=True, max_steps=2, micro_batch_size=2), None).summary
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all({"real_tokens", "tokens_per_s", "padding_fraction", "tflops"} <= set(m) for m in metrics if "loss" in m)
     assert {"tokens_per_s", "padding_fraction", "packing_efficiency", "tflops", "mfu", "peak_memory_gib"} <= set(summary)

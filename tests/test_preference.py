@@ -250,7 +250,7 @@ def test_reward_model_learns_and_reloads_with_plain_transformers_and_peft(tiny_l
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from vitune.data.records import Conversation, Message
-    from vitune.models.reward import RewardScorer
+    from vitune.models.reward_model import RewardScorer
 
     out = tmp_path / "rm"
     s = run_training(config(tiny_llama, out, "rm", max_steps=8)).summary
@@ -295,8 +295,8 @@ def test_rm_margin_enters_the_loss(tiny_llama, tmp_path):
     """Llama 2's margin loss: -log sigmoid(r_c - r_r - m); a margin of 0 is the plain loss."""
     import torch.nn.functional as F
 
-    from vitune.train.preference import PreferenceCollator
-    from vitune.train.reward import RewardTrainer
+    from vitune.train.pairs import PreferenceCollator
+    from vitune.train.stages.rm import RewardTrainer
     from transformers import AutoModelForSequenceClassification, TrainingArguments
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1)
@@ -305,7 +305,7 @@ def test_rm_margin_enters_the_loss(tiny_llama, tmp_path):
     other = ([5, 6, 9, 10, 11], [IGNORE, IGNORE, 9, 10, 11])
     items = [{"sequences": [seq, other], "margin": m, "desirable": [True, False]} for m in (0.0, 1.5)]
     batch = PreferenceCollator(False, 0)(items)
-    from vitune.models.reward import sequence_rewards
+    from vitune.models.reward_model import sequence_rewards
 
     with torch.no_grad():
         r = sequence_rewards(model, batch)

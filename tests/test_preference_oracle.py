@@ -22,7 +22,8 @@ from trl_oracle import trl_kto_loss, trl_preference_loss  # noqa: E402
 from vitune.config import DpoConfig  # noqa: E402
 from vitune.data.tokenize import IGNORE  # noqa: E402
 from vitune.models.attention import packed_attention  # noqa: E402
-from vitune.train.preference import PreferenceCollator, PreferenceTrainer  # noqa: E402
+from vitune.train.pairs import PreferenceCollator
+from vitune.train.stages.dpo import PreferenceTrainer  # noqa: E402
 
 TOLERANCE = 1e-5
 

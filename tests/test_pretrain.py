@@ -434,7 +434,7 @@ def test_data_inspect_shows_pt_documents_with_their_end_of_text_token(tiny_llama
 
 def test_streamed_bins_unpack_into_padded_rows_for_models_that_cannot_pack(tok, tmp_path):
     from vitune.train.collate import PadCollator
-    from vitune.train.pretrain import StreamCollator
+    from vitune.train.stages.pt import StreamCollator
 
     bins = list(islice(iter(TextStream(stream_data(numbered(tmp_path)), tok)), 2))
     batch = StreamCollator(PadCollator(pad_token_id=0), unpack=True)(bins)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vitune.config import validate_config
-from vitune.train.sft import run_sft
+from vitune.train.runner import run_training
 
 from conftest import ROOT
 
@@ -26,7 +26,7 @@ def test_qlora_trains_and_its_adapter_reloads_with_the_same_logits(tiny_llama, t
         "train": {"max_steps": 4, "micro_batch_size": 4, "learning_rate": 2e-3, "output_dir": str(out),
                   "logging_steps": 1, "report_to": ["none"]},
     })
-    result = run_sft(cfg, None)
+    result = run_training(cfg, None)
     model = result.model
     linear4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linear4) == 4 * 7  # every linear layer of the 4 blocks is NF4

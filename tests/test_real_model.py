@@ -17,7 +17,7 @@ from vitune.data.templates import resolve_template
 from vitune.data.tokenize import tokenize_conversations
 from vitune.models import gguf
 from vitune.models.loading import load_tokenizer
-from vitune.train.sft import run_sft
+from vitune.train.runner import run_training
 
 from conftest import ROOT
 
@@ -90,7 +90,7 @@ def lora_run(smollm2, tmp_path_factory):
         "train": {"max_steps": 6, "micro_batch_size": 1, "learning_rate": 1e-3, "output_dir": str(out),
                   "logging_steps": 1, "report_to": ["none"]},
     })
-    return run_sft(config, None)
+    return run_training(config, None)
 
 
 def test_a_short_lora_run_lowers_the_held_out_loss(lora_run):
@@ -140,7 +140,7 @@ def test_qlora_trains_it_in_4_bits_on_the_cpu(smollm2, tmp_path):
         "train": {"max_steps": 2, "micro_batch_size": 1, "learning_rate": 1e-3, "output_dir": str(tmp_path / "run"),
                   "logging_steps": 1, "report_to": ["none"]},
     })
-    result = run_sft(config, None)
+    result = run_training(config, None)
     linear4 = [m for m in result.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linear4) == 30 * 7  # every linear of the 30 blocks is NF4; the tied embedding is not
     assert result.summary["steps"] == 2

@@ -141,7 +141,7 @@ def test_mean_reward_goes_up_with_an_easy_reward(tiny_llama, tmp_path, rewards_m
 def test_prompts_are_what_chat_renders_with_one_bos(tiny_llama, tmp_path):
     from vitune.data.templates import resolve_template
     from vitune.models.loading import load_tokenizer
-    from vitune.train.rl import VituneGRPOTrainer, prepare_prompts, stop_token_ids
+    from vitune.train.stages.rl import VituneGRPOTrainer, prepare_prompts, stop_token_ids
 
     rows = write_jsonl(tmp_path / "two.jsonl", [
         {"instruction": "Thủ đô của Việt Nam là gì?", "input": "", "output": "Hà Nội."},
@@ -183,7 +183,7 @@ def yaml_sections(model: Path, data: Path, **data_settings) -> dict:
 def test_prompts_over_max_length_are_rejected_and_counted(tiny_llama, tmp_path):
     from vitune.data.templates import resolve_template
     from vitune.models.loading import load_tokenizer
-    from vitune.train.rl import prepare_prompts
+    from vitune.train.stages.rl import prepare_prompts
 
     rows = write_jsonl(tmp_path / "long.jsonl", [
         {"instruction": "Ngắn thôi.", "input": "", "output": "Vâng."},
@@ -202,7 +202,7 @@ def test_prompts_over_max_length_are_rejected_and_counted(tiny_llama, tmp_path):
 
 def test_generation_stops_at_the_end_of_turn_and_rewards_see_no_marker(tiny_llama, tmp_path, rewards_module):
     import torch
-    from vitune.train.rewards import FunctionReward
+    from vitune.train.reward_functions import FunctionReward
 
     seen = []
     reward = FunctionReward("my_rewards:recorder", lambda p, c: seen.append((p, c)) or 0.0, ["<|eot_id|>"])
@@ -211,8 +211,9 @@ def test_generation_stops_at_the_end_of_turn_and_rewards_see_no_marker(tiny_llam
 
     # the trainer's generation config stops on the template's end of turn
     from vitune.config import load_config
-    from vitune.train.runner import plan_speed, prepare_run
-    from vitune.train.rl import RlStage
+    from vitune.train.arguments import plan_speed
+    from vitune.train.runner import prepare_run
+    from vitune.train.stages.rl import RlStage
     from rich.console import Console
 
     out = tmp_path / "gen"
@@ -223,9 +224,10 @@ def test_generation_stops_at_the_end_of_turn_and_rewards_see_no_marker(tiny_llam
     model = stage.adapt_model(stage.load_model(config, prepared.tokenizer), config, False)
     plan = plan_speed(config, model, stage)
     batches = stage.batches(config, plan, prepared.train_rows, [], prepared.tokenizer.pad_token_id, None)
-    trainer = stage.make_trainer(config, model=model, args=stage.training_arguments(config, out, False, plan),
+    trainer = stage.make_trainer(config, prepared, model=model,
+                                 args=stage.training_arguments(config, prepared, out, plan, has_eval=False),
                                  train_dataset=batches.train, eval_dataset=None, data_collator=None,
-                                 processing_class=prepared.tokenizer, callbacks=[], template=prepared.template)
+                                 processing_class=prepared.tokenizer, callbacks=[])
     eot = prepared.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert eot in trainer.eos_token_ids and trainer.generation_config.eos_token_id == trainer.eos_token_ids
     assert "ref" not in model.peft_config  # a new adapter: the reference is the adapter disabled
@@ -301,9 +303,9 @@ def test_completions_per_step_must_be_whole_groups(tiny_llama, tmp_path, rewards
 
 
 def test_a_reward_model_scores_the_prompt_conversation_with_the_completion(tiny_llama, tmp_path, monkeypatch):
-    import vitune.models.reward as reward
+    import vitune.models.reward_model as reward
     from vitune.data.records import Conversation, Message
-    from vitune.train.rewards import ModelReward, conversation_json
+    from vitune.train.reward_functions import ModelReward, conversation_json
 
     scored = []
 

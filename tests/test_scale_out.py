@@ -6,7 +6,7 @@ import pytest
 
 from vitune.config import validate_config
 from vitune.errors import UserError
-from vitune.train.runner import scale_out_arguments
+from vitune.train.arguments import ScaleOut, resolve_scale_out
 
 from conftest import ROOT
 
@@ -18,23 +18,23 @@ def cfg(method="lora", **train):
 
 def test_shipped_engine_configs_are_passed_through():
     zero2 = str(ROOT / "examples" / "deepspeed" / "zero2.json")
-    assert scale_out_arguments(cfg(deepspeed=zero2)) == {"deepspeed": zero2}
-    fsdp = scale_out_arguments(cfg(fsdp=str(ROOT / "examples" / "fsdp" / "fsdp2.yaml")))
+    assert resolve_scale_out(cfg(deepspeed=zero2)) == ScaleOut({"deepspeed": zero2}, zero_stage=2)
+    fsdp = resolve_scale_out(cfg(fsdp=str(ROOT / "examples" / "fsdp" / "fsdp2.yaml"))).arguments
     assert fsdp["fsdp"] == "full_shard auto_wrap" and fsdp["fsdp_config"]["version"] == 2
-    assert scale_out_arguments(cfg()) == {}
+    assert resolve_scale_out(cfg()) == ScaleOut({})
 
 
 def test_qlora_with_zero3_or_fsdp_is_refused():
     zero3 = str(ROOT / "examples" / "deepspeed" / "zero3_offload.json")
     with pytest.raises(UserError, match="QLoRA with ZeRO-3 shards 4-bit weights"):
-        scale_out_arguments(cfg("qlora", deepspeed=zero3))
+        resolve_scale_out(cfg("qlora", deepspeed=zero3))
     with pytest.raises(UserError, match="train.fsdp with method.type: qlora is not supported yet"):
-        scale_out_arguments(cfg("qlora", fsdp=str(ROOT / "examples" / "fsdp" / "fsdp2.yaml")))
+        resolve_scale_out(cfg("qlora", fsdp=str(ROOT / "examples" / "fsdp" / "fsdp2.yaml")))
 
 
 def test_missing_engine_file_and_both_engines():
     with pytest.raises(UserError, match="train.deepspeed = nope.json: file not found"):
-        scale_out_arguments(cfg(deepspeed="nope.json"))
+        resolve_scale_out(cfg(deepspeed="nope.json"))
     from vitune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="give either train.deepspeed or train.fsdp, not both"):
@@ -75,9 +75,9 @@ def test_a_deepspeed_file_that_is_not_a_json_object_is_one_line(tmp_path):
     broken = tmp_path / "zero.json"
     broken.write_text('{"zero_optimization": {"stage": 2,', encoding="utf-8")
     with pytest.raises(UserError) as exc:
-        scale_out_arguments(cfg(deepspeed=str(broken)))
+        resolve_scale_out(cfg(deepspeed=str(broken)))
     assert str(exc.value).startswith(f"train.deepspeed = {broken}: not a JSON file (Expecting property name")
     assert str(exc.value).endswith("; see examples/deepspeed/zero2.json")
     broken.write_text('[2]', encoding="utf-8")
     with pytest.raises(UserError, match=r"expected a JSON object with zero_optimization: \{stage: ...\}"):
-        scale_out_arguments(cfg(deepspeed=str(broken)))
+        resolve_scale_out(cfg(deepspeed=str(broken)))

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from vitune.cli import main
 from vitune.config import validate_config
 from vitune.data.templates import get_template
-from vitune.train.sft import run_sft
+from vitune.train.runner import run_training
 
 from conftest import ROOT, write_config, write_jsonl
 
@@ -40,7 +40,7 @@ def test_lora_on_alpaca_writes_a_complete_run_folder(tiny_models, tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "run"
-    result = run_sft(config(tiny_models["llama"], ALPACA, out), None)
+    result = run_training(config(tiny_models["llama"], ALPACA, out), None)
     names = {p.name for p in out.iterdir()}
     assert {"config.yaml", "metrics.jsonl", "summary.json", "adapter_config.json", "adapter_model.safetensors",
             "tokenizer.json", "tokenizer_config.json", "tensorboard", "data_report.json"} <= names
@@ -68,7 +68,7 @@ def test_lora_on_alpaca_writes_a_complete_run_folder(tiny_models, tmp_path):
 @pytest.mark.parametrize("arch", ["mistral", "qwen2", "bloom"])
 def test_full_fine_tuning_on_sharegpt_saves_a_loadable_model(tiny_models, tmp_path, arch):
     out = tmp_path / "run"
-    result = run_sft(config(tiny_models[arch], SHAREGPT, out, method="full"), None)
+    result = run_training(config(tiny_models[arch], SHAREGPT, out, method="full"), None)
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     assert torch.allclose(logits(result.model.eval(), ids), logits(reloaded, ids), atol=1e-5)
@@ -79,7 +79,7 @@ def test_saved_tokenizer_carries_the_training_template(tiny_models, tmp_path):
     out = tmp_path / "run"
     cfg = config(tiny_models["qwen2"], ALPACA, out, max_steps=1)
     cfg.model.template = "vinallama"  # not the tokenizer's own (chatml): the saved one must change
-    run_sft(cfg, None)
+    run_training(cfg, None)
     saved = json.loads((out / "tokenizer_config.json").read_text())
     assert saved["chat_template"] == get_template("vinallama").jinja()
     assert not (out / "chat_template.jinja").exists()

@@ -182,7 +182,7 @@ def test_progress_json_says_where_a_run_is(tiny_llama, tmp_path):
 def test_inspect_json_has_the_formats_and_the_packing_efficiency(tiny_llama, tmp_path, capsys):
     from vitune.config import load_config
     from vitune.data.packing import pack_rows, packing_efficiency
-    from vitune.train.stages import inspect_data
+    from vitune.train.inspection import inspect_data
 
     rows = [{"instruction": "Thủ đô của Việt Nam là gì?", "output": "Hà Nội."},
             {"conversations": [{"from": "human", "value": "Xin chào"}, {"from": "gpt", "value": "Chào bạn!"}]},

@@ -124,7 +124,7 @@ def form_config(model: Path, data: list[str], **settings) -> dict:
 
 def test_data_tab_shows_the_counts_formats_and_rejected_rows_of_vitune_data_inspect(page, root, monkeypatch):
     from vitune.config import validate_config
-    from vitune.train.stages import inspect_data
+    from vitune.train.inspection import inspect_data
     from vitune.ui import forms
 
     monkeypatch.chdir(root.parent)  # the page's server runs there: data/... is read from there

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -173,16 +174,40 @@ class DataConfig(Section):
 # ---------------------------------------------------------------- train
 
 
-Stage = Literal["sft", "pt", "rm", "dpo", "rl"]
+@dataclass(frozen=True)
+class StageInfo:
+    """What the config knows of a training stage. This table is the one list of stages: the config,
+    `vitune train --help`, the web UI's menu and the docs read it, and vitune.train.stages maps each
+    name to the file that trains it (one file per stage)."""
+
+    name: str
+    summary: str  # one line, for help texts, the UI and the docs
+    section: Optional[str] = None  # the config section only this stage reads (dpo, rl)
+    section_required: str = ""  # the stage cannot run without its section: what it must hold, for the error
+    language_model: bool = True  # trains a causal LM (false for rm: a scalar head), so the eval section can score it
+    streaming: bool = False  # reads data.streaming
+
+
+STAGE_INFO: dict[str, StageInfo] = {s.name: s for s in (
+    StageInfo("sft", "supervised fine-tuning on instructions or conversations"),
+    StageInfo("pt", "continued pretraining on raw text (text rows, .txt files)", streaming=True),
+    StageInfo("rm", "a reward model trained on preference pairs", language_model=False),
+    StageInfo("dpo", "preference optimisation: DPO, IPO, hinge, ORPO, SimPO, KTO (the dpo section picks the loss)",
+              section="dpo"),
+    StageInfo("rl", "reinforcement learning from rewards: GRPO, RLOO (the rl section)", section="rl",
+              section_required="at least one reward, e.g. rl: {rewards: [{function: examples.rewards:vietnamese}]}"),
+)}
+StageName = Literal[tuple(STAGE_INFO)]
+
+
+def makes_reward_model(stage: str | None) -> bool:
+    """Whether a run of this stage (a run folder's summary.json names it) is a reward model, not a causal LM."""
+    return stage in STAGE_INFO and not STAGE_INFO[stage].language_model
 
 
 class TrainConfig(Section):
-    stage: Stage = Field(
-        "sft",
-        description="sft: supervised fine-tuning on instructions or conversations; pt: continued pretraining "
-        "on raw text (text rows, .txt files); rm: a reward model on "
-        "preference pairs; dpo: preference optimisation (the dpo section picks the loss); rl: reinforcement "
-        "learning from rewards (the rl section).",
+    stage: StageName = Field(
+        "sft", description="; ".join(f"{s.name}: {s.summary}" for s in STAGE_INFO.values()) + ".",
     )
     epochs: float = Field(3.0, gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
@@ -327,25 +352,26 @@ class RunConfig(Section):
             raise ValueError("model.adapter continues a LoRA adapter; use method.type: lora or qlora with it")
         if self.model.adapter and "lora" in self.method.model_fields_set:
             raise ValueError("model.adapter brings its own LoRA settings; remove method.lora")
-        stage = self.train.stage
-        if stage != "dpo" and "dpo" in self.model_fields_set:
-            raise ValueError(f"the dpo section is only used with train.stage: dpo (this run is stage {stage})")
-        if stage == "rl" and self.rl is None:
-            raise ValueError("train.stage: rl needs an rl section with at least one reward, e.g. "
-                             "rl: {rewards: [{function: examples.rewards:vietnamese}]}")
-        if stage != "rl" and self.rl is not None:
-            raise ValueError(f"the rl section is only used with train.stage: rl (this run is stage {stage})")
+        stage = STAGE_INFO[self.train.stage]
+        for other in STAGE_INFO.values():  # a section of a stage's own belongs to that stage only
+            given = other.section in self.model_fields_set and getattr(self, other.section) is not None
+            if other.section and given and other is not stage:
+                raise ValueError(f"the {other.section} section is only used with train.stage: {other.name} "
+                                 f"(this run is stage {stage.name})")
+        if stage.section_required and getattr(self, stage.section) is None:
+            raise ValueError(f"train.stage: {stage.name} needs an {stage.section} section with {stage.section_required}")
         if self.eval is not None:
-            if stage == "rm":
-                raise ValueError("the eval section scores a language model (vitune eval's tasks); a reward model "
-                                 "(train.stage: rm) is scored on held-out pairs: give them as data.eval")
+            if not stage.language_model:
+                raise ValueError(f"the eval section scores a language model (vitune eval's tasks); {stage.summary} "
+                                 f"(train.stage: {stage.name}) is scored on held-out pairs: give them as data.eval")
             if self.train.fsdp:
                 # rank 0 evaluates alone, and FSDP shards every weight across the ranks
                 raise ValueError("the eval section cannot run with train.fsdp (the weights are sharded across "
                                  "processes); evaluate the finished run with vitune eval instead")
         if self.data.streaming:
-            if stage != "pt":
-                raise ValueError(f"data.streaming is for continued pretraining (train.stage: pt), not stage {stage}")
+            if not stage.streaming:
+                raise ValueError("data.streaming is for continued pretraining (train.stage: "
+                                 f"{'/'.join(s.name for s in STAGE_INFO.values() if s.streaming)}), not stage {stage.name}")
             if self.train.max_steps is None:
                 raise ValueError("data.streaming needs train.max_steps: a stream has no length to count epochs in")
             if self.data.val_size:
@@ -512,8 +538,10 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
         method.pop("quantization", None)
     if method.get("type") == "full":
         method.pop("lora", None)
-    if train.get("stage", "sft") != "dpo":
-        raw.pop("dpo", None)
+    own = STAGE_INFO.get(train.get("stage", "sft"))
+    for info in STAGE_INFO.values():  # sections of other stages were written as defaults
+        if info.section and info is not own:
+            raw.pop(info.section, None)
     for optional in ("rl", "eval"):
         if raw.get(optional) is None:
             raw.pop(optional, None)

@@ -34,7 +34,7 @@ def inspect(
     from vitune.config import load_config
     from vitune.data.inspect import render_row, sequences_of
     from vitune.data.preference import TokenizedPair
-    from vitune.train.stages import inspect_data
+    from vitune.train.inspection import inspect_data
 
     cfg = load_config(config, set_ or [])
     seen = inspect_data(cfg)

@@ -33,19 +33,20 @@ def train(
     nproc: int = typer.Option(1, "--nproc", help="Train with N processes on this machine (through accelerate launch)"),
     device: str = typer.Option("H100", help="GPU the --dry-run estimate is for (see vitune estimate)"),
 ) -> None:
-    from vitune.train.runner import run_training
+    from vitune.train.runner import run_training  # lazy: torch and transformers, not for `vitune --help`
+    from vitune.train.stages import stage_for
 
     cfg = load_config(config, set_ or [])
     # under accelerate launch only the main process prints (ranks are set in the environment)
     console = Console(quiet=os.environ.get("RANK", "0") != "0")
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from vitune.train.run_lock import output_dir_lock
+        from vitune.train.run_lock import output_dir_lock  # lazy: as above
 
         with output_dir_lock(Path(cfg.train.output_dir)):
             pass  # refuse a folder in use here, in one line, not from inside the launched ranks
         raise typer.Exit(launch(config, set_ or [], nproc))
     if dry_run:
-        from vitune.cli.estimate import print_estimate
+        from vitune.cli.estimate import print_estimate  # lazy: as above
         from vitune.models.estimate import estimate
         from vitune.train.runner import prepare_run
 
@@ -63,30 +64,8 @@ def train(
         f"done: {s['steps']} steps in {s['seconds']:.0f} s, {loss}"
         f"{s['tokens_per_s']:,.0f} tokens/s. Run folder: {escape(str(result.output_dir))}"
     )
-    if s.get("eval_loss_end") is not None:
-        before = f"{s['eval_loss_start']:.4f} -> " if s.get("eval_loss_start") is not None else ""
-        console.print(f"held-out loss {before}{s['eval_loss_end']:.4f}")
-    if s.get("evaluation"):  # the eval section's figures, before training (or the first kept) and at the end
-        from vitune.train.trainer import task_line
-
-        figures = {key: (v["first"], v["last"]) for key, v in s["evaluation"].items()}
-        console.print(f"eval: {escape(task_line(figures))}")
-    if s.get("eval_bits_per_char_end") is not None:
-        before = f"{s['eval_bits_per_char_start']:.4f} -> " if s.get("eval_bits_per_char_start") is not None else ""
-        console.print(f"held-out bits per character {before}{s['eval_bits_per_char_end']:.4f}")
-    if s.get("eval_rewards_accuracy_end") is not None:
-        before = f"{s['eval_rewards_accuracy_start']:.1%} -> " if s.get("eval_rewards_accuracy_start") is not None else ""
-        console.print(f"held-out pairs: chosen preferred in {before}{s['eval_rewards_accuracy_end']:.1%}, mean margin "
-                      f"{s['eval_rewards_margin_end']:.3f}")
-    if s.get("eval_reward_end") is not None:
-        before = f"{s['eval_reward_start']:.4f} (start) -> " if s.get("eval_reward_start") is not None else ""
-        console.print(f"held-out prompts: mean reward {before}{s['eval_reward_end']:.4f} (end)")
-    if s.get("reward_last") is not None:
-        console.print(f"mean reward {s['reward_first']:.4f} (first step) -> {s['reward_last']:.4f} (last step)")
-    if s.get("stage") == "rm":
-        console.print(f"score answers with it: vitune score {escape(str(result.output_dir))} --data FILE")
-    else:
-        console.print(f"chat with it: vitune chat {escape(str(result.output_dir))}")
+    for line in stage_for(cfg).result_lines(s, result.output_dir):  # the stage's figures and what to do next
+        console.print(escape(line))
 
 
 def launch(config: Path, overrides: list[str], nproc: int) -> int:

@@ -282,12 +282,15 @@ def tokenize_split(
     return kept
 
 
-def prepare_sft_data(data: DataConfig, tokenizer, template: Template, seed: int):
+def prepare_sft_data(data: DataConfig, tokenizer, template: Template, seed: int, key: str | None = None):
     """-> (train rows, eval rows, report). Raises DataError for data that cannot be used.
 
     With data.cache (the default) prepared rows are reused when nothing they depend on changed.
+    `key`: their cache key (cache.cache_key) where the caller has computed it already.
     """
-    entry = cache.entry_for(cache.cache_key(data, tokenizer, template, seed), data.cache_dir) if data.cache else None
+    if data.cache and key is None:
+        key = cache.cache_key(data, tokenizer, template, seed)
+    entry = cache.entry_for(key, data.cache_dir) if data.cache else None
     if entry is not None:
         hit = cache.load(entry)
         if hit is not None:

@@ -22,14 +22,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from vitune import __version__
+from vitune.config import NormalizeSettings, file_sha256, makes_reward_model
+from vitune.data.formats import OTHER_PARSERS, PARSERS, RowProblem, detect_format
+from vitune.data.pipeline import _normalize
 from vitune.data.records import Rejection
+from vitune.data.sources import read_rows
+from vitune.data.templates import stop_token_ids
 from vitune.errors import DataError, UserError
 from vitune.eval import multiple_choice as mc
 from vitune.eval import tasks
+from vitune.eval.plot import TASK_PREFIX  # noqa: F401 (train/ imports it from here; it lives in plot.py with metrics.jsonl)
+from vitune.infer.chat import load_chat_model
+from vitune.models.gguf import model_source
+from vitune.models.reward_model import RewardScorer
 
 TASKS = ("auto", "multiple_choice", "conversations", "text", "preference")
-# how figures are named in a run's metrics.jsonl when scored during training: eval/<file stem>/<figure>
-TASK_PREFIX = "eval/"
 
 
 @dataclass
@@ -42,8 +50,6 @@ class FileRows:
 
 
 def row_task(row: dict) -> Optional[str]:
-    from vitune.data.formats import PARSERS, detect_format
-
     if mc.is_multiple_choice(row):
         return "multiple_choice"
     fmt = detect_format(row, {})
@@ -54,11 +60,6 @@ def row_task(row: dict) -> Optional[str]:
 
 def read_file(path: str, task: str) -> FileRows:
     """The rows of one file for `task` ("auto": the first readable row's kind decides)."""
-    from vitune.config import NormalizeSettings
-    from vitune.data.formats import OTHER_PARSERS, PARSERS, RowProblem, detect_format
-    from vitune.data.pipeline import _normalize
-    from vitune.data.sources import read_rows
-
     if task == "auto":
         for raw in read_rows(path):
             if raw.row is not None and row_task(raw.row):
@@ -100,23 +101,19 @@ def read_file(path: str, task: str) -> FileRows:
     return out
 
 
-def file_sha256(path: str) -> Optional[str]:
-    from vitune.config import file_sha256 as sha
-
-    return sha(Path(path)) if Path(path).is_file() else None
+def _sha256_if_file(path: str) -> Optional[str]:
+    return file_sha256(Path(path)) if Path(path).is_file() else None
 
 
 def model_identity(target: str, model) -> dict:
     """Enough to tell two evaluated models apart: path, base, adapter hash, parameter count."""
-    from vitune.models.gguf import model_source
-
     source = Path(model_source(target))
     identity = {"target": target, "parameters": sum(p.numel() for p in model.parameters())}
     adapter = source / "adapter_config.json"
     if adapter.is_file():
         identity["base"] = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
         weights = source / "adapter_model.safetensors"
-        identity["adapter_sha256"] = file_sha256(str(weights))
+        identity["adapter_sha256"] = _sha256_if_file(str(weights))
     summary = source / "summary.json"
     if summary.is_file():
         identity["stage"] = json.loads(summary.read_text(encoding="utf-8")).get("stage")
@@ -127,17 +124,13 @@ def evaluate(target: str, paths: list[str], task: str = "auto", base: str = "aut
              shots: int = 0, batch_size: int = 16, max_new_tokens: int = 256, limit: Optional[int] = None,
              template: str = "auto", on_progress=None) -> dict:
     """Every figure of every file for the target (and its base), as eval.json holds them."""
-    from vitune import __version__
-    from vitune.infer.chat import load_chat_model
-    from vitune.models.reward import RewardScorer
-
     files = read_files(paths, task, limit)  # bad data fails before the model loads
     if not any(f.items for f in files):
         reasons = "; ".join(f"{f.path}: {f.rows_read} read, {len(f.rejections)} rejected" for f in files)
         first = next((r.line() for f in files for r in f.rejections), None)
         raise DataError(f"nothing to score ({reasons})" + (f"; first: {first}" if first else ""))
     reward_model = None
-    if _stage(target) == "rm":  # a reward model scores pairs with its head; it is not a language model
+    if makes_reward_model(_stage(target)):  # a reward model scores pairs with its head; it is not a language model
         wrong = [f.path for f in files if f.task != "preference"]
         if wrong:
             raise UserError(f"{target} is a reward model: it scores preference pairs only, not {', '.join(wrong)}")
@@ -157,7 +150,7 @@ def evaluate(target: str, paths: list[str], task: str = "auto", base: str = "aut
               "settings": {"shots": shots, "generate": generate, "max_new_tokens": max_new_tokens,
                            "batch_size": batch_size, "limit": limit}, "files": []}
     for f in files:
-        entry = {"path": f.path, "sha256": file_sha256(f.path), "task": f.task, "rows_read": f.rows_read}
+        entry = {"path": f.path, "sha256": _sha256_if_file(f.path), "task": f.task, "rows_read": f.rows_read}
         if on_progress:
             on_progress(f"{f.path}: {len(f.items)} {f.task} rows")
         runs = [("model", scorer, contextlib.nullcontext)]
@@ -196,8 +189,6 @@ def read_files(paths: list[str], task: str = "auto", limit: Optional[int] = None
 
 def make_scorer(model, tokenizer, template, batch_size: int, stop_ids: Optional[list[int]] = None) -> tasks.Scorer:
     """A Scorer of a model in memory; answers stop where `vitune chat` stops them (stop_ids by default)."""
-    from vitune.data.templates import stop_token_ids
-
     config = getattr(model, "config", None)
     context = int(min(getattr(config, "max_position_embeddings", None) or 2048, 10**7))
     stops = stop_ids if stop_ids is not None else stop_token_ids(tokenizer, template)

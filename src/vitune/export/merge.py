@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from vitune.config import load_run_config
+from vitune.config import load_run_config, makes_reward_model
 from vitune.data.templates import TemplateRefused, resolve_template, stop_token_ids
 from vitune.errors import ConfigError, UserError
 from vitune.models.loading import check_adapter_base, load_model, load_tokenizer
@@ -43,7 +43,7 @@ def check_run(run: Path):
     config = load_run_config(run)
     if config.method.type == "full":
         raise UserError(f"{run} is a full fine-tune: it is already a complete model folder, with nothing to merge")
-    if config.train.stage == "rm":
+    if makes_reward_model(config.train.stage):
         raise UserError(f"{run} is a reward model (train.stage: rm); merge makes causal LMs. Load it with "
                         "AutoModelForSequenceClassification + PeftModel, or score with `vitune score`")
     if not (run / "adapter_config.json").is_file():

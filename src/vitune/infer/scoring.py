@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from vitune.config import DataConfig, DatasetSpec
 from vitune.data.formats import OTHER_PARSERS, PARSERS, RowProblem, detect_format
+from vitune.data.pipeline import _normalize
 from vitune.data.sources import read_rows
 from vitune.errors import DataError
+from vitune.models.reward_model import RewardScorer
 
 
 def score_files(run: str, paths: list[str]) -> list[dict]:
@@ -13,9 +15,6 @@ def score_files(run: str, paths: list[str]) -> list[dict]:
 
     Rows are read as training reads them (vitune.data.formats); a row that cannot be read stops
     with its file and row, since a score silently missing would shift every later one."""
-    from vitune.data.pipeline import _normalize
-    from vitune.models.reward import RewardScorer
-
     settings = DataConfig(train=[DatasetSpec(path=p) for p in paths])
     scorer = RewardScorer.load(run)  # a folder that is not a reward model fails before the data is read
     convs, layout = [], []

@@ -35,6 +35,7 @@ from typing import Iterator, Optional
 from transformers import TrainerCallback
 
 from vitune.errors import DiskError, UserError
+from vitune.models.loading import check_safe_weights
 
 MARKER = "vitune_checkpoint.json"
 STAGING = ".checkpoint-staging"
@@ -68,8 +69,6 @@ def find_resume_checkpoint(run_dir: Path, resume, allow_pickle: bool = False) ->
     """`train.resume`: False -> None; "auto" -> newest complete checkpoint (or None); a path -> it.
 
     A checkpoint whose weights are pickle files only is refused unless `allow_pickle`."""
-    from vitune.models.loading import check_safe_weights
-
     if resume is False or resume is None:
         return None
     if resume == "auto":

@@ -14,6 +14,11 @@ from transformers import DataCollatorWithFlattening
 from vitune.data.tokenize import IGNORE
 
 
+def items(rows) -> list[dict]:
+    """Tokenised rows (dataclasses) -> the dicts the collators take."""
+    return [{k: v for k, v in vars(r).items() if k != "truncated"} for r in rows]
+
+
 class PadCollator:
     """Pads a list of {input_ids, labels} rows to the longest row of the batch.
 

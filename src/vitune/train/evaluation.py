@@ -1,6 +1,6 @@
 """Evaluation while training: `vitune eval`'s tasks on the model being trained (the `eval:` section).
 
-    prepare_evaluation(config, tokenizer, template) -> EvalPlan
+    prepare_evaluation(config, tokenizer, template, zero_stage) -> EvalPlan
                                               at start-up, before the model loads: bad files fail here
     TrainingEvaluation(config.eval, plan, tokenizer, eval_steps)
                                               a TrainerCallback: before the first step, every
@@ -25,10 +25,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from rich.console import Console
+from rich.markup import escape
 from transformers import TrainerCallback
 
 from vitune.config import EvalConfig, RunConfig
+from vitune.data.sources import looks_local, resolve_files
+from vitune.data.templates import resolve_template
 from vitune.errors import ConfigError, DataError
+from vitune.models.attention import unpacked_attention
 from vitune.eval.runner import TASK_PREFIX, FileRows, adapter_reference, headline, make_scorer, read_files, score_rows
 
 
@@ -44,23 +50,19 @@ class EvalPlan:
     template: object  # what prompts are rendered with: the run's template (pt: the tokenizer's own)
 
 
-def prepare_evaluation(config: RunConfig, tokenizer, template) -> EvalPlan:
+def prepare_evaluation(config: RunConfig, tokenizer, template, zero_stage: int | None = None) -> EvalPlan:
     """The eval section's files, read and checked, and the template their prompts take. A missing
     file, a bad row (unless data.on_error: skip), a file with nothing to score or a task the run
-    cannot score is one line naming it."""
-    from vitune.data.templates import resolve_template
-
-    files = read_eval_files(config)
+    cannot score is one line naming it. `zero_stage`: DeepSpeed's ZeRO stage of the run (train/arguments.py)."""
+    files = read_eval_files(config, zero_stage)
     if template is None and any(f.rows.task != "text" for f in files):
         # pt renders no conversations; `vitune eval` of its run folder uses the tokenizer's own template
         template = resolve_template("auto", tokenizer)
     return EvalPlan(files, template)
 
 
-def read_eval_files(config: RunConfig) -> list[EvalFile]:
+def read_eval_files(config: RunConfig, zero_stage: int | None = None) -> list[EvalFile]:
     """The eval section's files, read and checked (see prepare_evaluation)."""
-    from vitune.data.sources import looks_local, resolve_files
-
     settings = config.eval
     names: dict[str, str] = {}
     for i, path in enumerate(settings.data):
@@ -71,7 +73,9 @@ def read_eval_files(config: RunConfig) -> list[EvalFile]:
             raise ConfigError(f"eval.data[{i}] = {path!r}: its figures would be logged as eval/{name}/... like those "
                               f"of {names[name]!r}; give the files different names")
         names[name] = path
-    _check_scale_out(config)
+    if zero_stage == 3:
+        raise ConfigError(f"the eval section cannot run with ZeRO-3 ({config.train.deepspeed}: the weights are "
+                          "sharded across processes); use ZeRO-2, or evaluate the finished run with vitune eval")
     out = []
     for i, path in enumerate(settings.data):
         try:
@@ -91,15 +95,6 @@ def read_eval_files(config: RunConfig) -> list[EvalFile]:
                               "against the run's base: that needs method.type lora or qlora (the adapter switched off)")
         out.append(EvalFile(Path(f.path).stem, f))
     return out
-
-
-def _check_scale_out(config: RunConfig) -> None:
-    from vitune.train.runner import deepspeed_settings
-
-    if config.train.deepspeed:
-        if deepspeed_settings(config.train.deepspeed).get("zero_optimization", {}).get("stage") == 3:
-            raise ConfigError(f"the eval section cannot run with ZeRO-3 ({config.train.deepspeed}: the weights are "
-                              "sharded across processes); use ZeRO-2, or evaluate the finished run with vitune eval")
 
 
 class TrainingEvaluation(TrainerCallback):
@@ -144,10 +139,6 @@ class TrainingEvaluation(TrainerCallback):
 
     def figures(self, model) -> dict[str, float]:
         """{eval/<file>/<figure>: value} of `model` as it is now."""
-        import torch
-
-        from vitune.models.attention import unpacked_attention
-
         s = self.settings
         scorer = make_scorer(model, self.tokenizer, self.template, s.batch_size)
         reference = adapter_reference(scorer)
@@ -168,9 +159,6 @@ class TrainingEvaluation(TrainerCallback):
         return out
 
     def _note(self, f: EvalFile, dropped) -> None:
-        from rich.console import Console
-        from rich.markup import escape
-
         Console(stderr=True, highlight=False).print(
             f"[yellow]notice[/] eval: {len(dropped)} of {len(f.rows.items)} rows of {escape(f.rows.path)} cannot be "
             f"scored by this model and are left out; first: {escape(dropped[0].line())}")

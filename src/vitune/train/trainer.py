@@ -12,6 +12,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from vitune.eval.runner import TASK_PREFIX  # eval/<file>/<figure>: evaluations while training (train/evaluation.py)
+from vitune.train.shares import ExactSharesMixin
 from vitune.train.telemetry import FlopsModel, flops_model, peak_flops, peak_memory_gib
 
 
@@ -21,7 +22,12 @@ class VituneTrainerMixin:
     FLOPs for tokens/s, padding fraction, TFLOP/s and MFU in the logs; a stage's own metrics
     (`record_metric`); atomic checkpoints; a resume at the last step that trains nothing; and
     train.fsdp on CPU processes. Put it first: `class X(VituneTrainerMixin, SomeTrainer)`.
+
+    The token, slot and FLOP counts are the run's, over every process (added up at each log);
+    a filler micro-batch (train/shares.py) counts in none of them, nor in a stage's metrics.
     """
+
+    filling = False  # True while a filler micro-batch runs (train/shares.py)
 
     def __init__(self, *args, flops: FlopsModel | None = None, checkpoint_marker: tuple | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -29,10 +35,11 @@ class VituneTrainerMixin:
         self._staging: str | None = None
         self.flops = flops or flops_model(self.model)
         self.peak_flops = peak_flops()
-        self.real_tokens = 0
+        self.real_tokens = 0  # the run's, over every process, as of the last log
         self.token_slots = 0
         self.model_flops = 0.0
-        self._window = [0, 0, 0.0]  # real tokens, slots, FLOPs since the last log
+        self._pending = [0, 0, 0.0]  # this process's real tokens, slots, FLOPs not yet added up
+        self._window = [0, 0, 0.0]  # the run's real tokens, slots, FLOPs since the last training log
         self._window_start = time.perf_counter()
         self.seconds_not_training = 0.0  # spent on evaluations between steps (log_evaluation)
         # a stage's own metrics, per micro-batch since the last log: {"train"|"eval": {key: [(sum, count)]}}
@@ -41,6 +48,8 @@ class VituneTrainerMixin:
     def record_metric(self, key: str, total: float, count: int) -> None:
         """Add a stage metric of one micro-batch (a sum over `count` items); logged as the mean
         over every item since the last log, gathered over processes."""
+        if self.filling:
+            return
         mode = "train" if self.model.training else "eval"
         self._stage_metrics[mode].setdefault(key, []).append((float(total), int(count)))
 
@@ -102,17 +111,32 @@ class VituneTrainerMixin:
         return lengths, ids.numel()
 
     def _count(self, inputs: dict) -> None:
+        if self.filling:
+            return
         lengths, slots = self._row_lengths(inputs)
         real = int(lengths.sum())
         flops = self.flops.step(real, int((lengths.long() ** 2).sum()))
-        self.real_tokens += real
-        self.token_slots += slots
-        self.model_flops += flops
         for i, value in enumerate((real, slots, flops)):
+            self._pending[i] += value
+
+    def _add_up_counts(self) -> None:
+        """This process's counts since the last log, summed over the processes, into the run's totals
+        and the window (a collective: Trainer logs on every process at once)."""
+        pending = self._pending
+        if self.accelerator.num_processes > 1:
+            total = torch.tensor(pending, dtype=torch.float64, device=self.accelerator.device)
+            pending = self.accelerator.reduce(total, reduction="sum").tolist()
+        self._pending = [0, 0, 0.0]
+        added = (int(pending[0]), int(pending[1]), float(pending[2]))
+        self.real_tokens += added[0]
+        self.token_slots += added[1]
+        self.model_flops += added[2]
+        for i, value in enumerate(added):
             self._window[i] += value
 
     def throughput(self, tokens: int, slots: int, flops: float, seconds: float) -> dict:
-        """tokens/s, padding fraction, TFLOP/s and MFU (when the device's peak is known)."""
+        """tokens/s, padding fraction, TFLOP/s and MFU (when the device's peak is known) of the run's
+        counts (every process: MFU against the peak of all their devices)."""
         seconds = max(seconds, 1e-9)
         out = {
             "tokens_per_s": round(tokens / seconds, 1),
@@ -120,7 +144,7 @@ class VituneTrainerMixin:
             "tflops": round(flops / seconds / 1e12, 4),
         }
         if self.peak_flops:
-            out["mfu"] = round(flops / seconds / self.peak_flops, 4)
+            out["mfu"] = round(flops / seconds / (self.peak_flops * self.accelerator.num_processes), 4)
         return out
 
     # ------------------------------------------------------------ atomic checkpoints
@@ -180,6 +204,7 @@ class VituneTrainerMixin:
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         logs.update(self._stage_logs("eval" if "eval_loss" in logs else "train"))
+        self._add_up_counts()
         if "loss" in logs:
             now = time.perf_counter()
             logs["real_tokens"] = self.real_tokens
@@ -191,14 +216,16 @@ class VituneTrainerMixin:
         super().log(logs, start_time)
 
 
-class VituneTrainer(VituneTrainerMixin, Trainer):
+class VituneTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
     """`Trainer` that also measures what a step does: real (non-padding) tokens, token
     slots, model FLOPs, for tokens/s, padding fraction, TFLOP/s and MFU in the logs.
 
     The loss itself is Trainer's: with `num_items_in_batch` it is the mean over all trained
     tokens of the optimizer step (across micro-batches, gradient accumulation and
     processes), not a mean of per-micro-batch means. PEFT models keep it: Trainer looks
-    through the adapter to the base model's forward, which takes the loss kwargs.
+    through the adapter to the base model's forward, which takes the loss kwargs. Several
+    processes share out every global batch with no item repeated, the epoch's short last one
+    included (train/shares.py), so they train exactly what one process trains.
     """
 
 

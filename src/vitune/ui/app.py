@@ -18,6 +18,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from vitune.config import STAGE_INFO
 from vitune.errors import UserError
 from vitune.ui import forms, jobs
 from vitune.ui.text import LANGUAGES, t
@@ -65,7 +66,7 @@ class Ui:
         raw = forms.inspection_config(model, template, paths, max_length, packing)
         try:
             from vitune.config import validate_config
-            from vitune.train.stages import inspect_data
+            from vitune.train.inspection import inspect_data
 
             if not raw["data"]["train"]:
                 raise UserError("data.train: give at least one data file or folder")
@@ -383,7 +384,9 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
                     field("model.name_or_path", gr.Textbox(default_model, label=t("model", lang), elem_id="f-model"))
                     field("model.template", gr.Textbox(d["model.template"], label=t("template", lang)))
                 with gr.Column():
-                    field("train.stage", gr.Dropdown(["sft", "pt", "rm", "dpo"], value="sft", label=t("stage", lang)))
+                    # every stage of the config's table; rl's rewards are not a form field: its error says to add them
+                    field("train.stage", gr.Dropdown([(f"{s.name}: {s.summary}", s.name) for s in STAGE_INFO.values()],
+                                                     value="sft", label=t("stage", lang)))
                     field("method.type", gr.Radio(["lora", "qlora", "full"], value="lora", label=t("method", lang), elem_id="f-method"))
             with gr.Row():
                 field("method.lora.r", gr.Number(d["method.lora.r"], precision=0, label=t("lora_r", lang)))

@@ -9,7 +9,7 @@ Its own parts:
 - generation: TRL samples `rl.num_generations` completions per prompt, at most
   `rl.max_completion_length` tokens, stopping at the template's end of turn (the model's
   generation config gets the template's stop ids);
-- rewards (vitune.train.rewards): Python functions and vitune reward models, summed with their
+- rewards (vitune.train.reward_functions): Python functions and vitune reward models, summed with their
   weights; each sees the completion without its end-of-turn marker;
 - the reference for the KL term (`rl.beta` > 0): the model with the adapter disabled (a new
   LoRA/QLoRA adapter: the base), TRL's frozen copy of the starting adapter for `model.adapter`
@@ -33,13 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from vitune.config import RunConfig
+from vitune.data.pipeline import DataReport, load_conversations, raise_for_bad_rows
 from vitune.data.records import Conversation, Rejection
-from vitune.data.templates import stop_token_ids
+from vitune.data.templates import TemplateRefused, stop_token_ids
 from vitune.errors import ConfigError, DataError
-from vitune.train.stages import Batches, Stage
+from vitune.train.arguments import training_arguments
+from vitune.train.reward_functions import check_rewards, conversation_json, load_rewards
+from vitune.train.sharding import process_state
+from vitune.train.stage import Batches, Stage
 from vitune.train.trainer import VituneTrainerMixin
 
 REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
@@ -61,10 +66,6 @@ class PromptRow:
 
 def prepare_prompts(config: RunConfig, tokenizer, template):
     """SFT rows -> (train prompts, eval prompts, report), read = kept + rejected."""
-    from vitune.data.pipeline import DataReport, load_conversations, raise_for_bad_rows
-    from vitune.data.templates import TemplateRefused
-    from vitune.train.rewards import conversation_json
-
     data = config.data
     report = DataReport()
     train_convs, eval_convs = load_conversations(data, config.train.seed, report)
@@ -162,9 +163,6 @@ class RlStage(Stage):
     held_out_loss = False  # held-out prompts are judged by their completions' mean reward (eval_reward)
 
     def check(self, config: RunConfig) -> None:
-        from vitune.train.rewards import check_rewards
-        from vitune.train.sharding import process_state
-
         super().check(config)
         check_rewards(config.rl.rewards)
         processes = process_state().num_processes
@@ -174,33 +172,32 @@ class RlStage(Stage):
                 f"held-out prompts (data.eval / data.val_size) are evaluated {config.train.micro_batch_size * processes} "
                 f"completions at a time (train.micro_batch_size x processes), not a multiple of rl.num_generations "
                 f"{config.rl.num_generations}; raise train.micro_batch_size or remove data.eval / data.val_size")
-        # TRL logs each reward's mean as rewards/<name>/mean (names as rewards.py gives them)
-        names = [r.function.partition(":")[2] if r.function else Path(r.model).name for r in config.rl.rewards]
-        self.metric_keys = TRL_METRICS + tuple(f"rewards/{n}/mean" for n in names)
 
-    def prepare_data(self, config: RunConfig, tokenizer, template):
+    def metrics_of(self, config: RunConfig) -> tuple[str, ...]:
+        # TRL logs each reward's mean as rewards/<name>/mean (names as reward_functions.py gives them)
+        names = [r.function.partition(":")[2] if r.function else Path(r.model).name for r in config.rl.rewards]
+        return TRL_METRICS + tuple(f"rewards/{n}/mean" for n in names)
+
+    def prepare_data(self, config: RunConfig, tokenizer, template, data_key=None, resume_from=None):
         return prepare_prompts(config, tokenizer, template)
 
-    def describe_rows(self, train_rows, eval_rows) -> str:
+    def describe_rows(self, report, train_rows, eval_rows) -> str:
         held = f" + {len(eval_rows):,} held out" if eval_rows else ""
         return f"{len(train_rows):,} prompts{held} (their answers unused), "
 
     def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
-        from datasets import Dataset
-
         def dataset(rows):
             return Dataset.from_list([{"prompt": r.prompt, "question": r.question, "conversation": r.conversation,
                                        "source": r.source} for r in rows]) if rows else []
 
         return Batches(dataset(train_rows), dataset(eval_rows), collator=None)
 
-    def training_arguments(self, config: RunConfig, output_dir: Path, has_eval: bool, plan, resuming: bool = False):
-        from vitune.train.runner import training_arguments
-
+    def training_arguments(self, config: RunConfig, run, output_dir: Path, plan, has_eval: bool):
         rl = config.rl
         args_class, _ = ALGORITHMS[rl.algorithm]
         return training_arguments(
-            config, output_dir, has_eval, plan, resuming=resuming, args_class=args_class,
+            config, output_dir, has_eval, plan, run.scale_out, run.optimizer, resuming=run.resume_from is not None,
+            args_class=args_class,
             num_generations=rl.num_generations,
             max_completion_length=rl.max_completion_length,
             beta=rl.beta,
@@ -209,9 +206,8 @@ class RlStage(Stage):
             log_completions=False,
         )
 
-    def make_trainer(self, config: RunConfig, template=None, **kwargs):
-        from vitune.train.rewards import load_rewards
-
+    def make_trainer(self, config: RunConfig, run, **kwargs):
+        template = run.template
         _, trainer_class = ALGORITHMS[config.rl.algorithm]
         model, tokenizer = kwargs["model"], kwargs["processing_class"]
         kwargs.pop("data_collator", None)  # TRL batches the prompts itself
@@ -225,3 +221,12 @@ class RlStage(Stage):
             # adapter disabled gives without a second adapter in every reference forward
             model.delete_adapter(REFERENCE_ADAPTER)
         return trainer
+
+    def held_out_lines(self, summary: dict) -> list[str]:
+        lines = []
+        if summary.get("eval_reward_end") is not None:
+            start = f"{summary['eval_reward_start']:.4f} (start) -> " if summary.get("eval_reward_start") is not None else ""
+            lines.append(f"held-out prompts: mean reward {start}{summary['eval_reward_end']:.4f} (end)")
+        if summary.get("reward_last") is not None:
+            lines.append(f"mean reward {summary['reward_first']:.4f} (first step) -> {summary['reward_last']:.4f} (last step)")
+        return lines

@@ -1,15 +1,15 @@
 """Stage pt: continued pretraining of a causal LM on raw text (Vietnamese corpora, mostly).
 
-Its own part is the data (vitune.data.pretrain): documents ending with an end-of-document
-token, every token trained, documents longer than data.max_length split into chunks rather
-than dropped. The batches (packing with attention kept within each document, or padding), the
-loss (the mean over every trained token of the optimizer step) and the trainer are SFT's; the
-rest is the shared runner's.
-
-With data.streaming (vitune.data.stream) the corpus is read, tokenised and packed on the fly,
-each process from its own share; `StreamTrainer` keeps the stream position of the last bin it
-trained on, saves it in every checkpoint and gathers every process's counts at the end, where
-they go into data_report.json ("stream").
+- records: text rows (a `text` column) and .txt files (vitune.data.pretrain); no chat template;
+- rows: each document ends with an end-of-document token and every token is trained; a document
+  longer than data.max_length is split into chunks rather than dropped;
+- batches: sft's (packed with attention kept within each document, or padded); with
+  data.streaming (vitune.data.stream) the corpus is read, tokenised and packed on the fly, each
+  process from its own share, and `StreamTrainer` saves the stream position of the last trained
+  bin in every checkpoint, so a resume continues where the run stopped;
+- loss: sft's (the mean over every trained token of the optimizer step);
+- logs: held-out bits per character (`PretrainTrainer`), which compares across tokenizers;
+- saves: a stream's counts, gathered from every process, into data_report.json ("stream").
 """
 
 from __future__ import annotations
@@ -18,9 +18,19 @@ import json
 import math
 from pathlib import Path
 
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+
 from vitune.config import RunConfig
-from vitune.train.sft import SftStage
-from vitune.train.stages import Batches
+from vitune.data.packing import pack_rows
+from vitune.data.pipeline import DataReport, raise_for_bad_rows
+from vitune.data.pretrain import prepare_pretrain_data, read_texts, tokenize_texts
+from vitune.data.stream import POSITION_FILE, TextStream, read_position
+from vitune.data.tokenize import IGNORE
+from vitune.train.collate import PackedCollator, PadCollator, items, rows_of_bins
+from vitune.train.sharding import process_state
+from vitune.train.stage import Batches, start_to_end
+from vitune.train.stages.sft import SftStage
 from vitune.train.trainer import VituneTrainer
 
 
@@ -30,26 +40,17 @@ class PretrainStage(SftStage):
     # held-out bits per character: comparable across tokenizers (before / after vocabulary extension)
     metric_keys = ("bits_per_char",)
 
-    def prepare_data(self, config: RunConfig, tokenizer, template):
-        from vitune.data.pretrain import prepare_pretrain_data
-
+    def prepare_data(self, config: RunConfig, tokenizer, template, data_key: str | None = None,
+                     resume_from: Path | None = None):
         if config.data.streaming:
-            return self._stream(config, tokenizer)
-        train, evaluation, self.report = prepare_pretrain_data(config.data, tokenizer, config.train.seed)
-        return train, evaluation, self.report
+            return self._stream(config, tokenizer, resume_from)
+        return prepare_pretrain_data(config.data, tokenizer, config.train.seed)
 
-    def _stream(self, config: RunConfig, tokenizer):
+    def _stream(self, config: RunConfig, tokenizer, resume_from: Path | None):
         """This process's stream (from the checkpoint's position on a resume) and the held-out text, read whole."""
-        from vitune.data.pipeline import DataReport, raise_for_bad_rows
-        from vitune.data.pretrain import read_texts, tokenize_texts
-        from vitune.data.stream import TextStream, read_position
-        from vitune.train.checkpoint import find_resume_checkpoint
-        from vitune.train.sharding import process_state
-
         state = process_state()
-        resume = find_resume_checkpoint(Path(config.train.output_dir), config.train.resume, config.model.allow_pickle)
         stream = TextStream(config.data, tokenizer, state.process_index, state.num_processes,
-                            read_position(resume, state.process_index))
+                            read_position(resume_from, state.process_index))
         report = DataReport()
         held_out = [t for spec in config.data.eval or [] for t in read_texts(spec, config.data, report)]
         raise_for_bad_rows(report, config.data.on_error)
@@ -57,16 +58,15 @@ class PretrainStage(SftStage):
                                     scored=True)
         report.rows_kept = report.rows_read - report.rows_rejected
         report.eval_characters = sum(len(t.text) for t in held_out)
-        self.report = report
         return stream, evaluation, report
 
-    def describe_rows(self, train_rows, eval_rows) -> str:
+    def describe_rows(self, report, train_rows, eval_rows) -> str:
         held = f" + {len(eval_rows):,} held out" if eval_rows else ""
-        return (f"{self.report.rows_split:,} documents split; {len(train_rows):,} chunks of at most data.max_length "
+        return (f"{report.rows_split:,} documents split; {len(train_rows):,} chunks of at most data.max_length "
                 f"tokens{held}, ")
 
     def data_line(self, report, train_rows, eval_rows, template) -> str:
-        if not hasattr(train_rows, "files"):
+        if not isinstance(train_rows, TextStream):
             return super().data_line(report, train_rows, eval_rows, template)
         files = train_rows.files
         size = sum(f.stat().st_size for f, _ in files)
@@ -78,40 +78,43 @@ class PretrainStage(SftStage):
     def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
         if not config.data.streaming:
             return super().batches(config, plan, train_rows, eval_rows, pad_token_id, console)
-        from vitune.data.packing import pack_rows
-        from vitune.train.collate import PackedCollator, PadCollator
-        from vitune.train.runner import items
-
         if plan.packing:
             return Batches(train_rows, items(pack_rows(eval_rows, config.data.max_length)),
                            StreamCollator(PackedCollator()), 1.0)
         return Batches(train_rows, items(eval_rows), StreamCollator(PadCollator(pad_token_id), unpack=True))
 
-    def training_arguments(self, config: RunConfig, output_dir: Path, has_eval: bool, plan, resuming: bool = False):
-        from vitune.train.runner import training_arguments
-
+    def training_arguments(self, config: RunConfig, run, output_dir: Path, plan, has_eval: bool):
+        args = super().training_arguments(config, run, output_dir, plan, has_eval)
         # a resumed stream seeks to its saved position: Trainer must not replay batches to skip them
-        extra = {"ignore_data_skip": True} if config.data.streaming else {}
-        return training_arguments(config, output_dir, has_eval, plan, resuming=resuming, **extra)
+        args.ignore_data_skip = bool(config.data.streaming)
+        return args
 
-    def make_trainer(self, config: RunConfig, template=None, **kwargs):
+    def make_trainer(self, config: RunConfig, run, **kwargs):
         trainer_class = StreamTrainer if config.data.streaming else PretrainTrainer
-        return trainer_class(eval_characters=self.report.eval_characters, **kwargs)
+        return trainer_class(eval_characters=run.report.eval_characters, **kwargs)
 
-    def save_extras(self, trainer, out: Path, config: RunConfig) -> None:
+    def report_after_training(self, config: RunConfig) -> bool:
+        return bool(config.data.streaming)  # what a stream read is known once it has been read
+
+    def report_extras(self, trainer) -> dict:
         positions = getattr(trainer, "stream_positions", None)
         if not positions:
-            return
-        path = out / "data_report.json"
-        report = json.loads(path.read_text(encoding="utf-8"))
+            return {}
         keys = ("documents", "tokens", "split", "rejected")
-        report["stream"] = {
+        return {"stream": {
             "processes": len(positions),
             **{k: sum(p[k] for p in positions) for k in keys},
             "epochs_started": max(p["epoch"] for p in positions) + 1,
             "per_process": positions,
-        }
-        path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        }}
+
+    def held_out_lines(self, summary: dict) -> list[str]:
+        if summary.get("eval_bits_per_char_end") is None:
+            return []
+        return [f"held-out bits per character {start_to_end(summary, 'eval_bits_per_char')}"]
+
+
+# ---------------------------------------------------------------- batches of a stream
 
 
 class StreamCollator:
@@ -124,12 +127,13 @@ class StreamCollator:
         self.unpack = unpack
 
     def __call__(self, bins: list[dict]) -> dict:
-        from vitune.train.collate import rows_of_bins
-
         batch = self.inner(rows_of_bins(bins) if self.unpack else bins)
         if "stream_position" in bins[-1]:
             batch["stream_position"] = bins[-1]["stream_position"]
         return batch
+
+
+# ---------------------------------------------------------------- trainers
 
 
 class PretrainTrainer(VituneTrainer):
@@ -162,8 +166,6 @@ class PretrainTrainer(VituneTrainer):
 
 def predicted_tokens(inputs: dict) -> int:
     """How many tokens of a batch the loss predicts (labels other than -100, after the shift)."""
-    from vitune.data.tokenize import IGNORE
-
     if "shift_labels" in inputs:
         return int((inputs["shift_labels"] != IGNORE).sum())
     return int((inputs["labels"][..., 1:] != IGNORE).sum())
@@ -178,8 +180,6 @@ class StreamTrainer(PretrainTrainer):
     stream_positions: list | None = None
 
     def get_train_dataloader(self):
-        from torch.utils.data import DataLoader
-
         # not accelerator.prepare(): its IterableDataset handling would dispatch from, or read
         # everything on, every process; _prepare_inputs moves each batch to the device
         return DataLoader(self.train_dataset, batch_size=self.args.per_device_train_batch_size,
@@ -192,16 +192,12 @@ class StreamTrainer(PretrainTrainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _save_rng_state(self, output_dir: str) -> None:
-        from vitune.data.stream import POSITION_FILE
-
         super()._save_rng_state(output_dir)
         if self.stream_position is not None:
             path = Path(output_dir) / POSITION_FILE.format(rank=self.args.process_index)
             path.write_text(json.dumps(self.stream_position), encoding="utf-8")
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        from accelerate.utils import gather_object
-
         result = super().train(resume_from_checkpoint, **kwargs)
         position = self.stream_position or self.train_dataset.start.to_json()
         self.stream_positions = gather_object([position]) if self.accelerator.num_processes > 1 else [position]

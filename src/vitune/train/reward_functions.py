@@ -26,9 +26,10 @@ import os
 import sys
 from pathlib import Path
 
-from vitune.config import RewardSource
+from vitune.config import RewardSource, makes_reward_model
 from vitune.data.records import Conversation, Message
 from vitune.errors import ConfigError, UserError
+from vitune.models.reward_model import RewardScorer
 
 
 def check_rewards(rewards: list[RewardSource]) -> None:
@@ -88,7 +89,7 @@ def check_reward_model_folder(path: str, key: str) -> None:
             stage = json.loads(summary.read_text(encoding="utf-8")).get("stage")
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             stage = None
-    if stage != "rm":
+    if not makes_reward_model(stage):
         what = "no summary.json (not a finished run)" if not summary.is_file() else f"stage {stage or 'unknown'}"
         raise ConfigError(f"{key} = {path} is not a reward model ({what}); give the run folder of a finished "
                           "train.stage: rm run")
@@ -123,8 +124,6 @@ class ModelReward:
     to its prompt's conversation (the `conversation` column, JSON)."""
 
     def __init__(self, path: str, stop_strings: list[str]):
-        from vitune.models.reward import RewardScorer
-
         self.path, self.stop_strings = path, stop_strings
         self.scorer = RewardScorer.load(path)
         self.__name__ = Path(path).name or "reward_model"

@@ -14,11 +14,19 @@ from pathlib import Path
 
 import torch
 
-from vitune.data.tokenize import IGNORE
+from vitune.config import load_run_config, makes_reward_model
+from vitune.data.templates import resolve_template
+from vitune.data.tokenize import IGNORE, tokenize_conversations
 from vitune.errors import UserError
+from vitune.models.loading import load_model, load_tokenizer
 
+# what a packed or padded batch of vitune's collators passes to the model (the rest is for the loss)
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
               "max_length_k", "use_cache", "vitune_prefix")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
 def _parts(model):
@@ -31,7 +39,7 @@ def sequence_rewards(model, batch: dict) -> torch.Tensor:
     """The reward of every sequence of a batch: the head at the flat positions `sequence_ends`
     (packed: one row; padded: row * width + column)."""
     backbone, head = _parts(model)
-    hidden = backbone(**{k: batch[k] for k in MODEL_KEYS if k in batch}).last_hidden_state
+    hidden = backbone(**model_inputs(batch)).last_hidden_state
     last = hidden.reshape(-1, hidden.shape[-1])[batch["sequence_ends"]]
     return head(last).squeeze(-1).float()
 
@@ -44,10 +52,6 @@ class RewardScorer:
 
     @classmethod
     def load(cls, run_dir: str) -> "RewardScorer":
-        from vitune.config import load_run_config
-        from vitune.data.templates import resolve_template
-        from vitune.models.loading import load_model, load_tokenizer
-
         run = Path(run_dir)
         summary = run / "summary.json"
         if not run.is_dir():
@@ -56,7 +60,7 @@ class RewardScorer:
             stage = json.loads(summary.read_text(encoding="utf-8")).get("stage") if summary.is_file() else None
         except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             stage = None
-        if stage != "rm" or not (run / "config.yaml").is_file():
+        if not makes_reward_model(stage) or not (run / "config.yaml").is_file():
             what = "an unfinished run (no summary.json)" if not summary.is_file() else f"a stage {stage or 'unknown'} run"
             raise UserError(f"{run_dir} is not a reward model: it is {what}; give the folder of a finished "
                             "train.stage: rm run")
@@ -75,8 +79,6 @@ class RewardScorer:
     def score(self, conversations) -> list[float]:
         """The reward of the last answer of each conversation (Conversation objects ending with
         the assistant's turn), rendered with the reward model's chat template."""
-        from vitune.data.tokenize import tokenize_conversations
-
         rows = tokenize_conversations(list(conversations), self.tokenizer, self.template, mask_history=True)
         device = next(self.model.parameters()).device
         out: list[float] = []
