@@ -17,32 +17,22 @@ from rich.markup import escape
 from vitune.errors import DISK_ERRNOS, DiskError, UserError
 
 
-app = typer.Typer(
-    name="vitune",
-    help=(
-        "Fine-tune open LLMs (Llama, Mistral, Qwen, BLOOM, Vistral, VinaLlama, ...) on Alpaca and "
-        "ShareGPT data with LoRA, QLoRA or full fine-tuning.\n\n"
-        "Example: vitune init-model --arch llama --out runs/tiny-llama && vitune train examples/quickstart.yaml"
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-err_console = Console(stderr=True)
+# each command module registers its commands on the app (cli/app.py) when it is imported
+from vitune.cli import chat as _chat  # noqa: F401
+from vitune.cli import data as _data  # noqa: F401
+from vitune.cli import estimate as _estimate  # noqa: F401
+from vitune.cli import eval as _eval  # noqa: F401
+from vitune.cli import export as _export  # noqa: F401
+from vitune.cli import init_model as _init_model  # noqa: F401
+from vitune.cli import merge as _merge  # noqa: F401
+from vitune.cli import score as _score  # noqa: F401
+from vitune.cli import serve as _serve  # noqa: F401
+from vitune.cli import train as _train  # noqa: F401
+from vitune.cli import ui as _ui  # noqa: F401
+from vitune.cli import vocab as _vocab  # noqa: F401
+from vitune.cli.app import app
 
-from vitune.cli import chat as _chat  # noqa: E402,F401  (registers commands)
-from vitune.cli import data as _data  # noqa: E402,F401
-from vitune.cli import estimate as _estimate  # noqa: E402,F401
-from vitune.cli import eval as _eval  # noqa: E402,F401
-from vitune.cli import export as _export  # noqa: E402,F401
-from vitune.cli import init_model as _init_model  # noqa: E402,F401
-from vitune.cli import merge as _merge  # noqa: E402,F401
-from vitune.cli import score as _score  # noqa: E402,F401
-from vitune.cli import serve as _serve  # noqa: E402,F401
-from vitune.cli import train as _train  # noqa: E402,F401
-from vitune.cli import ui as _ui  # noqa: E402,F401
-from vitune.cli import vocab as _vocab  # noqa: E402,F401
+err_console = Console(stderr=True)
 
 
 def quiet_libraries() -> None:

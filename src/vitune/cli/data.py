@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from vitune.cli import app
+from vitune.cli.app import app
 
 data_app = typer.Typer(help="Inspect and convert datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vitune.cli import app
+from vitune.cli.app import app
 
 
 @app.command(

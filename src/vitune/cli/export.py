@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vitune.cli import app
+from vitune.cli.app import app
 
 export_app = typer.Typer(help="Export a run or model for other runtimes (llama.cpp, Ollama, LM Studio).",
                          no_args_is_help=True)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from vitune.cli import app
+from vitune.cli.app import app
 
 
 @app.command(

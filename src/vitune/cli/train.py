@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vitune.cli import app
+from vitune.cli.app import app
 from vitune.config import load_config
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vitune.cli import app
+from vitune.cli.app import app
 
 
 @app.command(

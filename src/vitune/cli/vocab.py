@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vitune.cli import app
+from vitune.cli.app import app
 
 vocab_app = typer.Typer(help="Extend a model's vocabulary with tokens learned from a corpus.", no_args_is_help=True)
 app.add_typer(vocab_app, name="vocab")
