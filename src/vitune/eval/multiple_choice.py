@@ -20,6 +20,7 @@ from typing import Optional
 
 from vitune.data.records import Rejection
 from vitune.data.sources import read_rows
+from vitune.models.loading import cache_keyword
 
 LETTERS = "ABCDEFGHIJ"
 VMLU_INSTRUCTION = ("Chỉ đưa ra chữ cái đứng trước câu trả lời đúng ({letters}) "
@@ -266,8 +267,6 @@ def shared_prefix_logprobs(model, items: list[tuple[list[int], list[list[int]]]]
     import copy
 
     import torch
-
-    from vitune.models.loading import cache_keyword
 
     device = next(model.parameters()).device
     key = cache_keyword()

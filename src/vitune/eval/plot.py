@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 
 from vitune.errors import DISK_ERRNOS, DiskError, UserError
-from vitune.eval.runner import TASK_PREFIX
 
 METRICS = "metrics.jsonl"
+# how the figures of evaluations while training are named in metrics.jsonl: eval/<file stem>/<figure>
+TASK_PREFIX = "eval/"
 SIZE, DPI = (8.0, 6.0), 100  # 800 x 600 pixels: readable on a screen and in a README
 _NOT_CURVES = ("step", "epoch")
 

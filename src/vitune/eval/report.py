@@ -10,7 +10,7 @@ from typing import Optional
 
 from rich.markup import escape
 
-from vitune.errors import UserError
+from vitune.errors import DISK_ERRNOS, DiskError, UserError
 
 # the headline figures of each task, in table order; True = higher is better
 HEADLINES = {
@@ -102,8 +102,6 @@ def default_out(target: str) -> Path:
 
 def save(result: dict, out: Path) -> Path:
     """Write eval.json under a temporary name, then rename: a half-written file never exists."""
-    from vitune.errors import DISK_ERRNOS, DiskError
-
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:

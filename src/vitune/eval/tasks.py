@@ -17,8 +17,15 @@ import threading
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from vitune.data.records import Conversation, Message, Rejection
+from vitune.data.templates import TemplateRefused
+from vitune.data.tokenize import tokenize_conversations
 from vitune.eval import multiple_choice as mc
+from vitune.eval.metrics import score_answers
+from vitune.infer.batching import Engine, Request, Sampling
+from vitune.models.attention import supports_packing
 
 
 @dataclass
@@ -37,8 +44,6 @@ class Scorer:
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         """Greedy answers of many prompts at once: the serving engine's batching (left padding, one KV cache)."""
-        from vitune.infer.batching import Engine, Request, Sampling
-
         # an adapter run's active adapter (or none, under disable_adapter) applies to every row
         engine = Engine(self.model, self.tokenizer, max_batch=self.batch_size, max_queue=len(prompts) + 1,
                         prefill_together=True)
@@ -95,8 +100,6 @@ def multiple_choice(scorer: Scorer, questions: list[mc.Question], shots: int = 0
         kept.append(q)
     # one forward per batch with each question's choices as a tree (shared prefixes once) where the
     # architecture takes a 4-D attention mask; else the context once and the choices on its KV cache
-    from vitune.models.attention import supports_packing
-
     tree = supports_packing(scorer.model)
     score = mc.tree_logprobs if tree else mc.shared_prefix_logprobs
     size = (lambda i: len(items[i][0]) + len(mc.choice_tree(items[i][1])[0])) if tree else (lambda i: len(items[i][0]))
@@ -129,8 +132,6 @@ def multiple_choice(scorer: Scorer, questions: list[mc.Question], shots: int = 0
 def token_losses(scorer: Scorer, rows: list[tuple[list[int], list[int]]]) -> list[tuple[float, int]]:
     """(sum of negative log-likelihood in nats, number of scored tokens) per (input_ids, labels) row;
     labels are aligned with input_ids and -100 where a token is not scored, as in training."""
-    import torch
-
     device = next(scorer.model.parameters()).device
     out: dict[int, tuple[float, int]] = {}
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -156,10 +157,6 @@ def token_losses(scorer: Scorer, rows: list[tuple[list[int], list[int]]]) -> lis
 def conversations(scorer: Scorer, convs: list[Conversation], generate: bool = False,
                   max_new_tokens: int = 256) -> tuple[dict, list[Rejection]]:
     """Loss and perplexity on the answer tokens; with `generate`, greedy answers against the references."""
-    from vitune.data.templates import TemplateRefused
-    from vitune.data.tokenize import tokenize_conversations
-    from vitune.eval.metrics import score_answers
-
     encoded = tokenize_conversations(convs, scorer.tokenizer, scorer.template, keep_refusals=True)
     rows, kept, rejected = [], [], []
     for conv, row in zip(convs, encoded):
@@ -221,8 +218,6 @@ def plain_text(scorer: Scorer, docs: list[tuple[str, str]], window: Optional[int
 
 def answer_logprob(scorer: Scorer, convs: list[Conversation]) -> list[float]:
     """Sum of log-probabilities of each conversation's answer tokens (the trained ones)."""
-    from vitune.data.tokenize import tokenize_conversations
-
     encoded = tokenize_conversations(convs, scorer.tokenizer, scorer.template)
     return [-nll for nll, _ in token_losses(scorer, [(r.input_ids, r.labels) for r in encoded])]
 
