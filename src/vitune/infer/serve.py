@@ -12,6 +12,7 @@ from typing import Literal, Optional, Union
 from fastapi import Request as HttpRequest  # module level: FastAPI resolves the (string) annotations here
 from pydantic import BaseModel, Field
 
+from vitune.data.records import Conversation, Message, fold_system_prompt
 from vitune.infer.batching import Engine, QueueFull, Request, Sampling
 from vitune.infer.served import ServedModel
 
@@ -166,8 +167,6 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
-        from vitune.data.records import Conversation, Message, fold_system_prompt
-
         model = served(body.model)
         system = None
         messages = []

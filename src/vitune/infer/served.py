@@ -7,7 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from vitune.data.templates import resolve_template, stop_token_ids
+from vitune.errors import UserError
 from vitune.infer.batching import BASE
+from vitune.infer.chat import load_chat_model
+from vitune.models.gguf import model_source
+from vitune.models.loading import adapter_base, check_adapter_base, load_tokenizer
 
 
 @dataclass
@@ -33,12 +38,6 @@ def load_served_models(path: str, adapters: list[tuple[str, str]], name: Optiona
                        template: str = "auto", allow_pickle: bool = False) -> Loaded:
     """RUN_OR_MODEL (loaded as `vitune chat` loads it) plus NAME=RUN_DIR LoRA adapters on its base, as one
     model whose forward takes `adapter_names`; each served name keeps its own run's template."""
-    from vitune.data.templates import resolve_template, stop_token_ids
-    from vitune.errors import UserError
-    from vitune.infer.chat import load_chat_model
-    from vitune.models.gguf import model_source
-    from vitune.models.loading import adapter_base, check_adapter_base, load_tokenizer
-
     bot = load_chat_model(path, template=template, allow_pickle=allow_pickle)
     main_adapter = Path(model_source(path)) / "adapter_config.json"
     base = adapter_base(main_adapter) if main_adapter.is_file() else path
