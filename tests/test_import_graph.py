@@ -95,7 +95,7 @@ def _targets(node: ast.Import | ast.ImportFrom, source: str, modules: dict[str, 
         base = node.module or ""
         if node.level:  # relative: `from . import x` inside vitune.data.templates
             package = source.split(".")
-            if not modules[source].name == "__init__.py":
+            if modules[source].name != "__init__.py":
                 package = package[:-1]
             package = package[: len(package) - node.level + 1]
             base = ".".join(package + ([base] if base else []))
