@@ -32,7 +32,6 @@ from vitune.data.templates import stop_token_ids
 from vitune.errors import DataError, UserError
 from vitune.eval import multiple_choice as mc
 from vitune.eval import tasks
-from vitune.eval.plot import TASK_PREFIX  # noqa: F401 (train/ imports it from here; it lives in plot.py with metrics.jsonl)
 from vitune.infer.chat import load_chat_model
 from vitune.models.gguf import model_source
 from vitune.models.reward_model import RewardScorer

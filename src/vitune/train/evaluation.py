@@ -35,7 +35,8 @@ from vitune.data.sources import looks_local, resolve_files
 from vitune.data.templates import resolve_template
 from vitune.errors import ConfigError, DataError
 from vitune.models.attention import unpacked_attention
-from vitune.eval.runner import TASK_PREFIX, FileRows, adapter_reference, headline, make_scorer, read_files, score_rows
+from vitune.eval.plot import TASK_PREFIX
+from vitune.eval.runner import FileRows, adapter_reference, headline, make_scorer, read_files, score_rows
 
 
 @dataclass
