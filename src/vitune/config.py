@@ -278,7 +278,7 @@ class DpoConfig(Section):
     )
     beta: float = Field(0.1, gt=0, description="Strength of the preference term (ORPO: its lambda; SimPO: its beta, "
                         "usually 2 to 10).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid only: the share of pairs assumed "
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="sigmoid and simpo only: the share of pairs assumed "
                                    "mislabelled (conservative DPO).")
     simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the target reward margin gamma.")
     desirable_weight: float = Field(1.0, gt=0, description="kto only: weight of the desirable (chosen) answers.")
