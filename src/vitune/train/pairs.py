@@ -216,19 +216,18 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torc
 
 
 class PairTrainer(VituneTrainer):
-    """What the rm and dpo trainers share: a loss that is a mean over the micro-batch's pairs (so
-    Trainer divides it by the accumulation steps), the tokens of the pairs counted as delivered,
-    and evaluation that reports the loss (and, through record_metric, the stage's metrics)."""
+    """What the rm and dpo trainers share: a loss that is the mean over the pairs of the optimizer
+    step (each micro-batch's mean scaled by `scale_to_step`, so any split of the step's pairs over
+    micro-batches and processes gives the same loss), and the tokens of the pairs counted as delivered."""
+
+    loss_is_scaled_for_ga = True  # scale_to_step normalises by the step's pairs: Trainer divides by nothing
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+    def loss_items(self, batch: dict) -> int:
+        return len(batch["margin"])  # pairs (kto: answers)
 
     def _row_lengths(self, inputs: dict):
         if "delivered_lengths" in inputs:  # a shared prompt counts for both answers, as TRL counts it

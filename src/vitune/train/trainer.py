@@ -5,14 +5,19 @@ TRL trainer), and the callbacks that write metrics.jsonl and draw the progress b
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from vitune.eval.runner import TASK_PREFIX  # eval/<file>/<figure>: evaluations while training (train/evaluation.py)
+from vitune.eval.plot import TASK_PREFIX  # eval/<file>/<figure>: evaluations while training (train/evaluation.py)
+from vitune.train.checkpoint import STAGING, checkpoint_save_failed, disk_failure, write_marker
 from vitune.train.shares import ExactSharesMixin
+from vitune.train.sharding import enable_fsdp_on_cpu
 from vitune.train.telemetry import FlopsModel, flops_model, peak_flops, peak_memory_gib
 
 
@@ -48,8 +53,8 @@ class VituneTrainerMixin:
     def record_metric(self, key: str, total: float, count: int) -> None:
         """Add a stage metric of one micro-batch (a sum over `count` items); logged as the mean
         over every item since the last log, gathered over processes."""
-        if self.filling:
-            return
+        if self.filling:  # nothing, yet the key: every process reduces the same keys when logging
+            total, count = 0.0, 0
         mode = "train" if self.model.training else "eval"
         self._stage_metrics[mode].setdefault(key, []).append((float(total), int(count)))
 
@@ -76,8 +81,6 @@ class VituneTrainerMixin:
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         # train.fsdp on CPU processes: accelerate would quietly train DDP (see train/sharding.py)
-        from vitune.train.sharding import enable_fsdp_on_cpu
-
         if enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args):
             self.is_fsdp_enabled = True
 
@@ -162,14 +165,6 @@ class VituneTrainerMixin:
         A full or failing disk removes the half-written staging folder (giving back its space)
         and stops the run with one line naming the checkpoint to resume from.
         """
-        import os
-        import shutil
-
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-        from transformers.trainer_utils import rotate_checkpoints
-
-        from vitune.train.checkpoint import STAGING, checkpoint_save_failed, disk_failure, write_marker
-
         run_dir = super()._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = Path(run_dir) / STAGING
@@ -292,8 +287,6 @@ class MetricsFile(TrainerCallback):
         if not logs:
             return
         self.eval_seconds += logs.get("eval_runtime", 0.0)
-        if not state.is_world_process_zero:
-            return
         record = {"step": state.global_step}
         record.update({k: logs[k] for k in self.keys if k in logs})
         record.update({k: v for k, v in logs.items() if k.startswith(TASK_PREFIX)})
@@ -307,6 +300,10 @@ class MetricsFile(TrainerCallback):
         if "eval_loss" in record:
             self.evals.append((state.global_step, record["eval_loss"]))
             self.eval_records.append(record)
+        # every process keeps the records (the runner's last evaluation, a collective, is decided from
+        # them on each); one writes them
+        if not state.is_world_process_zero:
+            return
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 

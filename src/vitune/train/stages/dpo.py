@@ -170,6 +170,7 @@ class PreferenceTrainer(PairTrainer):
             loss = self._kto(logps, ref, inputs)
         else:
             loss = self._pairs(logps, counts, ref, inputs)
+        loss = self.scale_to_step(loss, inputs, num_items_in_batch)
         return (loss, {}) if return_outputs else loss
 
     def _pairs(self, logps, counts, ref, inputs) -> torch.Tensor:

@@ -76,4 +76,5 @@ class RewardTrainer(PairTrainer):
         self.record_metric("rewards/rejected", float(r.sum()), n)
         self.record_metric("rewards/accuracy", float(((c > r).float() + 0.5 * (c == r).float()).sum()), n)
         self.record_metric("rewards/margin", float((c - r).sum()), n)
+        loss = self.scale_to_step(loss, inputs, num_items_in_batch)
         return (loss, {}) if return_outputs else loss
