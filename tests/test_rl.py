@@ -303,7 +303,7 @@ def test_completions_per_step_must_be_whole_groups(tiny_llama, tmp_path, rewards
 
 
 def test_a_reward_model_scores_the_prompt_conversation_with_the_completion(tiny_llama, tmp_path, monkeypatch):
-    import vitune.models.reward_model as reward
+    import vitune.train.reward_functions as reward
     from vitune.data.records import Conversation, Message
     from vitune.train.reward_functions import ModelReward, conversation_json
 
