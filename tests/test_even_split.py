@@ -121,20 +121,16 @@ def test_two_processes_train_exactly_what_one_does_across_both_epoch_ends(sft_on
         json.loads((sft_one / "summary.json").read_text())["real_tokens"]
 
 
-@pytest.mark.slow  # ~2 runs of ~40 s each
 def test_padded_rows_too(tiny_llama, tmp_path):
-    """21 rows padded (packing off): the same epoch ends, rows instead of bins."""
-    padded = {"micro_batch_size": 4}
-    one = run_config(tmp_path, tiny_llama, "one", **padded)
-    assert main(["train", str(one), "--set", "data.packing=false", "--set", "data.train.0.max_samples=21"]) == 0
-    two = run_config(tmp_path, tiny_llama, "two", micro_batch_size=2)
-    assert main(["train", str(two), "--nproc", "2", "--set", "data.packing=false",
-                 "--set", "data.train.0.max_samples=21"]) == 0
+    """21 rows padded (packing off): the same epoch ends, rows instead of bins; 29 held-out rows (the
+    last held-out batch: 1 row)."""
+    padded = ["--set", "data.packing=false", "--set", "data.train.0.max_samples=21"]
+    assert main(["train", str(run_config(tmp_path, tiny_llama, "one", micro_batch_size=4)), *padded]) == 0
+    assert main(["train", str(run_config(tmp_path, tiny_llama, "two", micro_batch_size=2)), "--nproc", "2", *padded]) == 0
     assert_same_run(tmp_path / "two", tmp_path / "one")
     assert logged(tmp_path / "two", "real_tokens") == logged(tmp_path / "one", "real_tokens")
 
 
-@pytest.mark.slow
 def test_gradient_accumulation_with_the_epoch_end_in_the_middle_of_a_step(tiny_llama, tmp_path):
     """1 bin x 2 accumulation x 2 processes (against 2 bins x 2 accumulation): 11 micro-batches an epoch,
     so the epoch's last step has only one, holding one bin (the other process runs a filler)."""
@@ -151,7 +147,6 @@ def test_gradient_accumulation_with_the_epoch_end_in_the_middle_of_a_step(tiny_l
 RM_UNDER_DDP = pytest.mark.xfail(strict=True, reason="sequence_rewards bypasses DDP's forward")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["dpo", pytest.param("rm", marks=RM_UNDER_DDP)])
 def test_pair_stages_normalise_by_the_pairs_of_the_step(stage, tiny_llama, tmp_path):
     """21 training pairs (the epoch's last batch: 1 pair) and 9 held-out pairs (the last: 1 pair): the
@@ -161,7 +156,6 @@ def test_pair_stages_normalise_by_the_pairs_of_the_step(stage, tiny_llama, tmp_p
     assert_same_run(tmp_path / "two", tmp_path / "one", ("rewards/accuracy", "rewards/margin"))
 
 
-@pytest.mark.slow
 def test_fsdp2_shards_and_still_trains_exactly_what_one_process_does(sft_one, tiny_llama, tmp_path):
     """The filler micro-batch joins FSDP's parameter gathers (forward) and gradient reduce-scatters
     (backward) in training and in evaluation: no process waits forever, and the losses are one process's."""
