@@ -20,6 +20,7 @@ from vitune.cli import main
 from vitune.train.shares import RankShares, split_batch
 
 from conftest import ROOT, write_config
+from test_fsdp import deepspeed_config
 from test_resume import losses
 
 STEPS = 12  # 2 epochs x ceil(21 bins / 4)
@@ -163,4 +164,14 @@ def test_fsdp2_shards_and_still_trains_exactly_what_one_process_does(sft_one, ti
     two = run_config(tmp_path, tiny_llama, "two", micro_batch_size=2, fsdp=str(fsdp))
     assert main(["train", str(two), "--nproc", "2"]) == 0
     assert json.loads((tmp_path / "two" / "sharding.json").read_text())["world_size"] == 2
+    assert_same_run(tmp_path / "two", sft_one)
+
+
+@pytest.mark.slow  # DeepSpeed's first run compiles an op (~3 min on 2 cores); then ~40 s each
+@pytest.mark.parametrize("zero", [2, 3])
+def test_deepspeed_zero_trains_exactly_what_one_process_does(zero, sft_one, tiny_llama, tmp_path):
+    """ZeRO-3 gathers the parameters in every forward: the filler takes part, in training and held out."""
+    pytest.importorskip("deepspeed")
+    two = run_config(tmp_path, tiny_llama, "two", micro_batch_size=2, deepspeed=str(deepspeed_config(zero, tmp_path)))
+    assert main(["train", str(two), "--nproc", "2"]) == 0
     assert_same_run(tmp_path / "two", sft_one)
