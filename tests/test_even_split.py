@@ -142,13 +142,7 @@ def test_gradient_accumulation_with_the_epoch_end_in_the_middle_of_a_step(tiny_l
     assert logged(tmp_path / "two", "real_tokens") == logged(tmp_path / "one", "real_tokens")
 
 
-# rm on several processes fails at its first step: models/reward_model.py's sequence_rewards runs the
-# backbone and the head beside DDP's forward ('DistributedDataParallel' object has no attribute
-# 'base_model_prefix'; unwrapped, DDP would not sync the gradients either)
-RM_UNDER_DDP = pytest.mark.xfail(strict=True, reason="sequence_rewards bypasses DDP's forward")
-
-
-@pytest.mark.parametrize("stage", ["dpo", pytest.param("rm", marks=RM_UNDER_DDP)])
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
 def test_pair_stages_normalise_by_the_pairs_of_the_step(stage, tiny_llama, tmp_path):
     """21 training pairs (the epoch's last batch: 1 pair) and 9 held-out pairs (the last: 1 pair): the
     loss and the stage's metrics, in training and held out, as one process computes them."""

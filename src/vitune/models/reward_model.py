@@ -29,19 +29,24 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_KEYS if k in batch}
 
 
-def _parts(model):
-    """(backbone, head) of a sequence-classification model, through a PEFT wrapper."""
+def _head(model):
+    """The scalar head of a sequence-classification model, through DDP and PEFT wrappers."""
+    model = getattr(model, "module", model)  # DistributedDataParallel
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix), base.score
+    return base.score
 
 
 def sequence_rewards(model, batch: dict) -> torch.Tensor:
-    """The reward of every sequence of a batch: the head at the flat positions `sequence_ends`
-    (packed: one row; padded: row * width + column)."""
-    backbone, head = _parts(model)
-    hidden = backbone(**model_inputs(batch)).last_hidden_state
-    last = hidden.reshape(-1, hidden.shape[-1])[batch["sequence_ends"]]
-    return head(last).squeeze(-1).float()
+    """The reward of every sequence of a batch: the head's score at the flat positions
+    `sequence_ends` (packed: one row; padded: row * width + column). The whole model runs, through
+    its wrapper's forward (DDP syncs gradients only after it); the head scores every position."""
+    scores = []
+    hook = _head(model).register_forward_hook(lambda module, args, out: scores.append(out))
+    try:
+        model(**model_inputs(batch))
+    finally:
+        hook.remove()
+    return scores[0].reshape(-1)[batch["sequence_ends"]].float()
 
 
 class RewardScorer:
