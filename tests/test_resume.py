@@ -82,7 +82,7 @@ def test_kill_9_then_resume_is_bit_identical(reference, tiny_llama, tmp_path):
 
 
 def test_a_crash_inside_a_save_leaves_no_complete_checkpoint(reference, tiny_llama, tmp_path, monkeypatch):
-    import vitune.train.checkpoint as checkpoint
+    import vitune.train.trainer as checkpoint  # the trainer's save calls write_marker (train/checkpoint.py)
 
     out = tmp_path / "crashed"
     config = run_config(tmp_path, tiny_llama, out)
