@@ -60,4 +60,4 @@ def test_the_readme_and_the_docs_tell_the_same_measured_demo(name, page, start):
 
     demo = paragraph(read(name))
     assert demo == paragraph(read(page))
-    assert ("2.558 → 2.096" in demo) and ("12.8 → 8.0" in demo)
+    assert ("2.558 → 2.096" in demo) and ("12.9 → 8.1" in demo)
