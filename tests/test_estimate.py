@@ -22,6 +22,9 @@ LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, 
                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False)
 MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                   num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False)
+# google/gemma-3-270m's config.json (sliding_window 512 on five layers of six, tied embeddings)
+GEMMA3_270M = dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144)
 QWEN25_7B = dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
 
@@ -37,8 +40,9 @@ def run(method: str = "lora", max_length: int = 2048, **train):
 
 @pytest.mark.parametrize(
     "shapes, params",
-    [(LLAMA3_8B, 8_030_261_248), (LLAMA2_7B, 6_738_415_616), (MISTRAL_7B, 7_241_732_096), (QWEN25_7B, 7_615_616_512)],
-    ids=["llama-3-8b", "llama-2-7b", "mistral-7b-v0.1", "qwen2.5-7b"],
+    [(LLAMA3_8B, 8_030_261_248), (LLAMA2_7B, 6_738_415_616), (MISTRAL_7B, 7_241_732_096), (QWEN25_7B, 7_615_616_512),
+     (GEMMA3_270M, 268_098_176)],
+    ids=["llama-3-8b", "llama-2-7b", "mistral-7b-v0.1", "qwen2.5-7b", "gemma-3-270m"],
 )
 def test_parameter_counts_of_real_models(shapes, params):
     assert read_architecture(shapes).total_params == params
@@ -65,7 +69,7 @@ def test_lora_target_list_and_unknown_name():
 
 
 def tiny_configs():
-    from transformers import BloomConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import BloomConfig, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     shape = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=300)
@@ -74,11 +78,12 @@ def tiny_configs():
         "llama-tied": LlamaConfig(tie_word_embeddings=True, **shape),
         "mistral": MistralConfig(tie_word_embeddings=False, **shape),
         "qwen2": Qwen2Config(tie_word_embeddings=False, **shape),
+        "gemma3": Gemma3TextConfig(head_dim=16, **shape),
         "bloom": BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=300),
     }
 
 
-@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "bloom"])
+@pytest.mark.parametrize("name", ["llama", "llama-tied", "mistral", "qwen2", "gemma3", "bloom"])
 def test_counts_equal_a_real_model_and_its_peft_adapter(name):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -121,7 +121,7 @@ def test_a_template_that_cannot_render_is_one_line_at_start_up(tokenizer_folder,
     assert err == (
         f"error: the tokenizer's chat template cannot render a plain user/assistant conversation: {problem} (a "
         "tool-use or otherwise special template?); fix chat_template in tokenizer_config.json or choose a built-in "
-        "template with model.template (llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, alpaca)"
+        "template with model.template (llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, gemma, alpaca)"
     )
 
 

@@ -28,6 +28,11 @@ EXPECTED = {
     ),
     "vicuna": f"{SYSTEM} USER: {Q1} ASSISTANT: {A1}</s>USER: {Q2} ASSISTANT: {A2}</s>",
     "vietcuna": f"{SYSTEM}\n\n### Human: {Q1}\n\n### Assistant: {A1}</s>\n\n### Human: {Q2}\n\n### Assistant: {A2}</s>",
+    # Gemma 3's own template puts the system prompt at the start of the first user turn
+    "gemma": (
+        f"<bos><start_of_turn>user\n{SYSTEM}\n\n{Q1}<end_of_turn>\n<start_of_turn>model\n{A1}<end_of_turn>\n"
+        f"<start_of_turn>user\n{Q2}<end_of_turn>\n<start_of_turn>model\n{A2}<end_of_turn>\n"
+    ),
 }
 EXPECTED["vistral"] = EXPECTED["llama2"]
 EXPECTED["vinallama"] = EXPECTED["chatml"]
@@ -60,7 +65,7 @@ def test_exported_jinja_renders_the_same_text(name):
 TRAINED = {
     "llama2": " {a} </s>", "vistral": " {a} </s>", "llama3": "{a}<|eot_id|>", "mistral": "{a}</s>",
     "chatml": "{a}<|im_end|>", "vinallama": "{a}<|im_end|>", "vicuna": " {a}</s>", "vietcuna": " {a}</s>",
-    "alpaca": "{a}</s>",
+    "alpaca": "{a}</s>", "gemma": "{a}<end_of_turn>",
 }
 
 
@@ -115,5 +120,5 @@ def test_unknown_template_name_lists_the_known_ones():
         get_template("zephyr")
     assert str(info.value) == (
         "model.template = 'zephyr' is not a known template; use auto or one of "
-        "llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, alpaca"
+        "llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, gemma, alpaca"
     )

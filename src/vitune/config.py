@@ -48,7 +48,7 @@ class ModelConfig(Section):
     template: str = Field(
         "auto",
         description="Chat template: auto (the tokenizer's own) or a built-in name "
-        "(llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, alpaca).",
+        "(llama2, llama3, mistral, chatml, vistral, vinallama, vicuna, vietcuna, gemma, alpaca).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: auto = bfloat16 on a GPU that supports it, else float32."

@@ -25,16 +25,20 @@ from vitune.cli.app import app
 )
 def init_model(
     out: Path = typer.Option(..., help="Folder to write the model to", show_default=False),
-    arch: Optional[str] = typer.Option(None, help="Tiny random model: llama | mistral | qwen2 | bloom [default: llama]"),
+    arch: Optional[str] = typer.Option(None, help="Tiny random model: llama | mistral | qwen2 | gemma3 | bloom [default: llama]"),
     preset: Optional[str] = typer.Option(None, help="Real model: smollm2-135m-instruct", show_default=False),
     seed: int = typer.Option(0, help="Seed of the random weights (tiny models)"),
+    sliding_window: Optional[int] = typer.Option(
+        None, help="Tokens each sliding-window layer sees (tiny mistral: none by default; tiny gemma3: 32)",
+        show_default=False),
 ) -> None:
     from vitune.errors import UserError
 
     console = Console()
     if preset is not None:
-        if arch is not None:
-            raise UserError("give --arch (a tiny random model) or --preset (a real model), not both")
+        if arch is not None or sliding_window is not None:
+            given = "--arch" if arch is not None else "--sliding-window"
+            raise UserError(f"give {given} (a tiny random model) or --preset (a real model), not both")
         from vitune.models.presets import PRESETS, write_preset
 
         folder, converted = write_preset(preset, out)
@@ -44,5 +48,5 @@ def init_model(
     from vitune.models.tiny import init_tiny_model
 
     arch = arch or "llama"
-    folder = init_tiny_model(arch, out, seed=seed)
+    folder = init_tiny_model(arch, out, seed=seed, sliding_window=sliding_window)
     console.print(f"wrote a tiny {arch} model to {escape(str(folder))}")

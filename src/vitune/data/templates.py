@@ -304,6 +304,17 @@ TEMPLATES: dict[str, ChatTemplate] = {
             ),
             stop=("</s>",),
         ),
+        # Gemma 2 and 3: no system turn (Gemma 3's template puts the system prompt at the start of
+        # the first user turn, Gemma 2's refuses one); the assistant is called "model"
+        ChatTemplate(
+            name="gemma",
+            prefix="<bos>",
+            user="<start_of_turn>user\n{content}<end_of_turn>\n",
+            assistant_prompt="<start_of_turn>model\n",
+            assistant="{content}<end_of_turn>",
+            assistant_suffix="\n",
+            stop=("<end_of_turn>",),
+        ),
         ChatTemplate(
             name="alpaca",
             system="{content}\n\n",

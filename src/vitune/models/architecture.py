@@ -8,6 +8,7 @@ tied, so parameters can be counted exactly without weights. One small reader per
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ class Architecture:
     gated_mlp: bool
     sdpa: bool  # False: eager attention only (BLOOM's ALiBi), which stores seq x seq scores
     embed_name: str = "embed_tokens"
+    qk_norm_dim: int = 0  # Gemma 3 / Qwen3: a norm over each head's query and key (head_dim weights each)
 
     @property
     def embed_params(self) -> int:
@@ -109,6 +111,15 @@ def _qwen2(cfg: dict) -> Architecture:
     return _llama_like(cfg, "qwen2", True, False, False)  # Qwen2 hard-codes a bias on q, k, v
 
 
+def _gemma3(cfg: dict) -> Architecture:
+    # Llama's linears; four norms around attention and MLP and one per head over q and k; tied
+    # embeddings unless the config says otherwise
+    arch = _llama_like({"tie_word_embeddings": True, **cfg}, "gemma3", bool(cfg.get("attention_bias", False)),
+                       bool(cfg.get("attention_bias", False)), False)
+    h, hd = arch.hidden, arch.head_dim
+    return dataclasses.replace(arch, layer_norm_params=4 * h + 2 * hd, qk_norm_dim=hd)
+
+
 def _bloom(cfg: dict) -> Architecture:
     h = _get(cfg, "hidden_size", "n_embed")
     heads = _get(cfg, "n_head", "num_attention_heads")
@@ -126,7 +137,7 @@ def _bloom(cfg: dict) -> Architecture:
     )
 
 
-ARCHITECTURES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "bloom": _bloom}
+ARCHITECTURES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gemma3_text": _gemma3, "bloom": _bloom}
 
 
 def read_architecture(model_config: Any) -> Architecture:
@@ -177,6 +188,7 @@ def tensor_shapes(arch: Architecture) -> list[tuple[int, ...]]:
             shapes.append((lin.out_features, lin.in_features))
             if lin.bias:
                 shapes.append((lin.out_features,))
-        shapes += [(arch.hidden,)] * (arch.layer_norm_params // arch.hidden)
+        shapes += [(arch.hidden,)] * ((arch.layer_norm_params - 2 * arch.qk_norm_dim) // arch.hidden)
+        shapes += [(arch.qk_norm_dim,)] * (2 if arch.qk_norm_dim else 0)
     shapes += [(arch.hidden,)] * (arch.outer_norm_params // arch.hidden)
     return shapes

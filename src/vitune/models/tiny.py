@@ -34,12 +34,17 @@ class TinyFamily:
     bos: str | None
     eos: str
     pad: str
+    # special tokens of this family only, after the shared ones: adding them to SPECIAL_TOKENS
+    # would renumber every other tiny tokenizer, whose token ids the tests assert
+    own_specials: tuple[str, ...] = ()
 
 
+GEMMA_SPECIALS = ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>")
 TINY_FAMILIES = {
     "llama": TinyFamily("llama", "llama3", "<|begin_of_text|>", "<|eot_id|>", "<pad>"),
     "mistral": TinyFamily("mistral", "mistral", "<s>", "</s>", "<pad>"),
     "qwen2": TinyFamily("qwen2", "chatml", None, "<|im_end|>", "<|endoftext|>"),
+    "gemma3": TinyFamily("gemma3", "gemma", "<bos>", "<eos>", "<pad>", own_specials=GEMMA_SPECIALS),
     "bloom": TinyFamily("bloom", "vietcuna", "<s>", "</s>", "<pad>"),
 }
 
@@ -83,7 +88,7 @@ def train_tiny_tokenizer(family: TinyFamily, vocab_size: int = 4096):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + list(family.own_specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -94,15 +99,21 @@ def train_tiny_tokenizer(family: TinyFamily, vocab_size: int = 4096):
         eos_token=family.eos,
         pad_token=family.pad,
         unk_token="<unk>",
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in {family.bos, family.eos, family.pad, "<unk>"}],
+        additional_special_tokens=[t for t in SPECIAL_TOKENS + list(family.own_specials)
+                                   if t not in {family.bos, family.eos, family.pad, "<unk>"}],
         model_max_length=2048,
     )
     tokenizer.chat_template = get_template(family.template).jinja()
     return tokenizer
 
 
-def tiny_config(arch: str, tokenizer):
-    from transformers import BloomConfig, LlamaConfig, MistralConfig, Qwen2Config
+# Gemma 3's pattern (five sliding-window layers, then a global one) shortened to four layers
+GEMMA3_LAYERS = ["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"]
+GEMMA3_WINDOW = 32
+
+
+def tiny_config(arch: str, tokenizer, sliding_window: int | None = None):
+    from transformers import BloomConfig, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     ids = {
         "vocab_size": len(tokenizer),
@@ -125,17 +136,29 @@ def tiny_config(arch: str, tokenizer):
     if arch == "llama":
         return LlamaConfig(rope_theta=500000.0, **shape)
     if arch == "mistral":
-        return MistralConfig(sliding_window=None, **shape)
+        return MistralConfig(sliding_window=sliding_window, **shape)
+    if arch == "gemma3":
+        shape.update(tie_word_embeddings=True, head_dim=64)
+        return Gemma3TextConfig(sliding_window=sliding_window or GEMMA3_WINDOW, layer_types=GEMMA3_LAYERS,
+                                query_pre_attn_scalar=64, **shape)
     return Qwen2Config(**shape)
 
 
-def init_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random model of `arch` with its tokenizer to `out_dir`; returns the folder."""
+WINDOWED = ("mistral", "gemma3")  # the tiny architectures that take a sliding window
+
+
+def init_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, sliding_window: int | None = None) -> Path:
+    """Write a tiny random model of `arch` with its tokenizer to `out_dir`; returns the folder.
+    `sliding_window` (Mistral, Gemma 3): how many tokens each sliding-window layer sees."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     if arch not in TINY_FAMILIES:
         raise UserError(f"--arch {arch!r} is not supported; choose one of {', '.join(TINY_FAMILIES)}")
+    if sliding_window is not None and (arch not in WINDOWED or sliding_window < 1):
+        raise UserError(f"--sliding-window {sliding_window}: " + (
+            "give a number of tokens of at least 1" if arch in WINDOWED
+            else f"{arch} has no sliding-window attention; use it with --arch {' or '.join(WINDOWED)}"))
     family = TINY_FAMILIES[arch]
     out = Path(out_dir)
     # refused before the tokenizer is trained (seconds), not after
@@ -143,7 +166,7 @@ def init_tiny_model(arch: str, out_dir: str | Path, seed: int = 0) -> Path:
     if blocker is not None:
         raise UserError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
     tokenizer = train_tiny_tokenizer(family)
-    config = tiny_config(arch, tokenizer)
+    config = tiny_config(arch, tokenizer, sliding_window)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
