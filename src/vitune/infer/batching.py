@@ -12,6 +12,17 @@ apart; it has no per-request `torch.Generator` (OpenAI's `seed`) and no prompt l
 (so its prompt is computed exactly as `generate` computes it), its cache is left-padded to
 the batch's length and concatenated along the batch, and every step is one forward of all
 rows with an explicit attention mask and position ids.
+
+Sliding-window attention (Mistral's `sliding_window`, the sliding layers of Gemma 2/3):
+transformers' own sliding layers keep only a window's last keys and count the tokens seen in one
+number for the whole cache, which left padding and rows joining mid-batch would break. Here such a
+model is given a cache whose layers keep every key (a `DynamicCache` without the config), and the
+model's own mask functions (transformers.masking_utils) apply each layer's window. They count it in
+cache columns; a row's real tokens are contiguous at the right end of its left-padded row, so a
+window of columns is the same window of tokens, and each query attends to exactly the keys it
+attends to under `generate`. When every layer slides (Mistral), columns older than the widest
+window are dropped, so the cache is as small as `generate`'s; with global layers too (Gemma), the
+sliding layers keep every key: memory as a full-attention model's.
 """
 
 from __future__ import annotations
@@ -27,6 +38,8 @@ import torch
 from vitune.models.loading import cache_keyword
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
+# the layer kinds (transformers' `layer_types`) whose keys a left-padded cache can hold, one per column
+PADDABLE = ("full_attention", "sliding_attention")
 
 
 class QueueFull(Exception):
@@ -102,6 +115,10 @@ class Engine:
         self.thread: Optional[threading.Thread] = None
         self.stopping = False
         self.cache_keyword = cache_keyword()
+        self.windows = attention_windows(model)
+        sliding = [w for w in self.windows if w is not None]
+        # every layer slides: no query looks back past the widest window (generate keeps no more)
+        self.keep_columns = max(sliding) - 1 if sliding and len(sliding) == len(self.windows) else None
 
     # ------------------------------------------------------------ the caller's side
 
@@ -170,11 +187,22 @@ class Engine:
         with torch.inference_mode():
             return self.model(input_ids=input_ids, use_cache=True, **kwargs)
 
+    def _new_cache(self) -> dict:
+        """The forward's cache argument for a prefill: none (the model's own, all full layers), or one
+        that keeps every key of every layer, sliding ones too (the module's docstring says why)."""
+        if not any(w is not None for w in self.windows):
+            return {}
+        from transformers import DynamicCache
+
+        return {self.cache_keyword: DynamicCache()}
+
     def _prefill(self, request: Request) -> None:
         """Run one new prompt alone (exactly as `generate` would), sample its first token, add it to the batch."""
         ids = torch.tensor([request.prompt_ids], device=self.device)
         echo = request.sampling.echo and request.sampling.logprobs is not None
-        out = self._forward(ids, [request.adapter], logits_to_keep=0 if echo else 1)
+        out = self._forward(ids, [request.adapter], logits_to_keep=0 if echo else 1, **self._new_cache())
+        if request.sampling.max_new_tokens > 1:  # it will join the batch: refused before any token is sent
+            self._check_cache(getattr(out, self.cache_keyword))
         logits = out.logits[0].float()
         first = Delta()
         if echo:
@@ -199,7 +227,9 @@ class Engine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, device=self.device)
             mask[i, width - len(r.prompt_ids):] = 1
         out = self._forward(ids, [r.adapter for r in requests], attention_mask=mask,
-                            position_ids=(mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1)
+                            position_ids=(mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1, **self._new_cache())
+        if any(r.sampling.max_new_tokens > 1 for r in requests):
+            self._check_cache(getattr(out, self.cache_keyword))
         logits = out.logits[:, -1].float()
         going = []
         for i, r in enumerate(requests):
@@ -218,7 +248,6 @@ class Engine:
     def _join(self, requests: list[Request], cache, mask: torch.Tensor, lengths: list[int]) -> None:
         """Add prefilled rows (their cache and [rows, width] mask) to the running batch, left-padding
         whichever side is shorter so every row ends at the same column."""
-        self._check_cache(cache)
         if self.cache is None:
             self.rows, self.cache, self.mask = list(requests), cache, mask
         else:
@@ -239,6 +268,8 @@ class Engine:
 
     def _step(self) -> None:
         """One forward of every running row; each row samples its next token; finished rows leave."""
+        if self.keep_columns is not None and self.mask.shape[1] > self.keep_columns:
+            self._drop_left(self.mask.shape[1] - self.keep_columns)
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=self.device)], dim=1)
         out = self._forward(
             self.next_ids[:, None], [r.adapter for r in self.rows], attention_mask=self.mask,
@@ -262,11 +293,16 @@ class Engine:
         index = torch.tensor(keep, device=self.device)
         self.rows = [self.rows[i] for i in keep]
         self.mask, self.positions = self.mask[index], self.positions[index]
-        # columns that are padding in every remaining row (the longest prompt left) are dropped
-        cut = int((self.mask.sum(0) > 0).nonzero()[0])
-        self.mask = self.mask[:, cut:]
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, cut:], layer.values[index, :, cut:]
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        # columns that are padding in every remaining row (the longest prompt left) are dropped
+        self._drop_left(int((self.mask.sum(0) > 0).nonzero()[0]))
+
+    def _drop_left(self, columns: int) -> None:
+        """Drop the oldest `columns` columns of every row: of the mask and of every layer's keys and values."""
+        self.mask = self.mask[:, columns:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
 
     @staticmethod
     def _pad_left(cache, columns: int) -> None:
@@ -279,9 +315,10 @@ class Engine:
     def _check_cache(cache) -> None:
         from transformers.cache_utils import DynamicLayer
 
-        # sliding-window and linear-attention layers keep no full history: padding them is not the same model
-        if any(type(layer) is not DynamicLayer for layer in cache.layers):
-            kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        # any other layer (linear-attention states, quantized keys, a sliding layer that keeps only its
+        # window) cannot be left-padded: padded, it is not the same model
+        kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
+        if kinds:
             raise RuntimeError(f"this model's cache layers ({', '.join(kinds)}) cannot be batched by vitune serve")
 
     # ------------------------------------------------------------ sampling and text
@@ -329,6 +366,22 @@ class Engine:
         entries = [{"token": self._token_text(ids[0]), "logprob": None, "top": None}]
         entries += [self._logprob_entry(logprobs[i], ids[i + 1], k) for i in range(len(ids) - 1)]
         return entries
+
+
+def attention_windows(model) -> list[Optional[int]]:
+    """Each layer's sliding window (None: the layer sees every earlier token), as transformers lays out
+    the model's cache (`get_layer_types_and_kwargs`, what `DynamicCache(config=...)` builds). Empty
+    when some layer is of a kind a padded cache cannot hold (linear or chunked attention): the model
+    then prefills into its own cache, which `_check_cache` refuses."""
+    config = getattr(model, "config", None)
+    if config is None:  # not a transformers model
+        return []
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    if any(t not in PADDABLE for t in types):
+        return []
+    return [k.get("sliding_window") if t == "sliding_attention" else None for t, k in zip(types, kwargs)]
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator] = None) -> int:
