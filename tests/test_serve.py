@@ -1,7 +1,8 @@
 """`vitune serve`: the batching engine answers exactly as `generate` does alone (greedy, each adapter
 of a mixed batch, stop strings, stop ids, lengths, seeds, nucleus sampling), and the HTTP server
 speaks OpenAI's API to the real `openai` client (chat, streaming, completions with echo and
-logprobs, the error codes) while bad input is one line."""
+logprobs, the error codes) while bad input is one line; and, in-process, what a client may get wrong:
+lone surrogates, bodies that are not JSON, bodies over --max-request-bytes (413), the key compared as bytes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
@@ -409,6 +411,7 @@ def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_llama, capsys):
     (["--adapter", "novalue"], "--adapter 'novalue': write it as NAME=RUN_DIR"),
     (["--adapter", "x=/nowhere/run"], "--adapter x=/nowhere/run: folder not found"),
     (["--max-batch", "0"], "--max-batch 0 / --max-queue 256: use at least 1"),
+    (["--max-request-bytes", "0"], "--max-request-bytes 0: use at least 1 (the default is 1048576, 1 MiB)"),
 ])
 def test_bad_options_are_one_line(tiny_llama, capsys, args, message):
     assert main(["serve", str(tiny_llama), "--port", str(free_port()), *args]) == 2
@@ -434,3 +437,216 @@ def test_prompts_prefilled_together_answer_as_each_alone(tiny):
     finally:
         engine.stop()
     assert [item.token_ids for item in items] == [greedy(model, item.request.prompt_ids, 10) for item in items]
+
+
+# ---------------------------------------------------------------- the app in-process: what a client gets wrong
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tiny, engine):
+    """The running tiny engine and the one name it serves, for build_app."""
+    from vitune.data.templates import resolve_template
+    from vitune.infer.served import ServedModel
+
+    return engine, [ServedModel("tiny", BASE, resolve_template("auto", tiny[1]), [])]
+
+
+def in_process(served_tiny, **options):
+    from fastapi.testclient import TestClient
+
+    from vitune.infer.serve import build_app
+
+    return TestClient(build_app(*served_tiny, **options))
+
+
+def error(message: str, param=None, code=None) -> dict:
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+LONE = "a lone UTF-16 surrogate ({}) is not a character; send valid Unicode: pair it with its other half, or remove it"
+
+
+@pytest.mark.parametrize("path, raw, field, char", [
+    ("/v1/chat/completions", rb'{"model":"tiny","messages":[{"role":"user","content":"Xin \ud800ch\u00e0o"}]}',
+     "messages[0].content", r"\ud800"),
+    ("/v1/chat/completions", rb'{"model":"tiny","messages":[{"role":"system","content":"ok"},'
+                             rb'{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"\udfff"}]}]}',
+     "messages[1].content[1].text", r"\udfff"),
+    ("/v1/completions", rb'{"model":"tiny","prompt":"\ud83d"}', "prompt", r"\ud83d"),
+    ("/v1/completions", rb'{"model":"tiny","prompt":["a","b\udc00"]}', "prompt[1]", r"\udc00"),
+    ("/v1/completions", rb'{"model":"tiny","prompt":"a","stop":["\n","\ud800"]}', "stop[1]", r"\ud800"),
+    ("/v1/completions", rb'{"model":"\udbff","prompt":"a"}', "model", r"\udbff"),
+    # not escaped but raw: the 3 bytes Python's surrogatepass writes, which json.loads reads back the same
+    ("/v1/completions", b'{"model":"tiny","prompt":"\xed\xa0\x80"}', "prompt", r"\ud800"),
+])
+def test_a_lone_surrogate_is_400_naming_the_field(served_tiny, path, raw, field, char):
+    reply = in_process(served_tiny).post(path, content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 400
+    assert reply.json() == error(f"{field}: {LONE.format(char)}", param=field)
+
+
+def test_a_surrogate_pair_is_text(served_tiny):
+    raw = rb'{"model":"tiny","prompt":"\ud83d\ude00","max_tokens":1,"temperature":0}'  # an escaped emoji
+    reply = in_process(served_tiny).post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"model": "tiny", "prompt": }', "the request body is not valid JSON: Expecting value (character 28)"),
+    (b'{"model": "tiny", "prompt": "\xff"}', "the request body cannot be decoded as utf-8 (byte 29): "
+                                             "send JSON encoded as UTF-8"),
+    (b"[" * 5000 + b"]" * 5000, "the request body is JSON nested too deep to read: send a flatter request"),
+    (b"", "the request body: Field required; send a JSON object with Content-Type: application/json"),
+    (b"[1]", "the request body: Input should be a valid dictionary or object to extract fields from; "
+             "send a JSON object with Content-Type: application/json"),
+])
+def test_a_body_that_is_not_a_json_object_is_400_saying_so(served_tiny, raw, message):
+    reply = in_process(served_tiny).post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    assert (reply.status_code, reply.json()) == (400, error(message))
+
+
+def test_a_seed_past_int64_is_400_not_500(served_tiny):
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 1, "seed": 2**64}  # torch's generator refused it: 500
+    reply = in_process(served_tiny).post("/v1/completions", json=body)
+    assert (reply.status_code, reply.json()) == (
+        400, error("seed: Input should be less than or equal to 9223372036854775807", param="seed"))
+
+
+def test_a_content_part_with_text_that_is_not_a_string_is_400_not_500(served_tiny):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}
+    reply = in_process(served_tiny).post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400 and reply.json()["error"]["param"].startswith("messages.0.content")
+
+
+# -------------------------------- the body size limit (--max-request-bytes)
+
+
+def asgi_post(app, chunks: list[bytes], content_length: Optional[int] = None, headers=()) -> tuple[int, dict, int]:
+    """POST /v1/completions straight to the ASGI app, its body as `chunks` (one receive() message each, so
+    without Content-Length it is a chunked body) and `headers` as raw bytes: the status, the JSON answer, and
+    how many chunks were read."""
+    import asyncio
+    import json
+
+    read, sent = 0, []
+
+    async def main_():
+        nonlocal read
+        done = asyncio.Event()
+
+        async def receive():
+            nonlocal read
+            if read == len(chunks):  # after the body: the client waits for the answer, then goes
+                await done.wait()
+                return {"type": "http.disconnect"}
+            read += 1
+            return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done.set()
+
+        headers_ = [(b"content-type", b"application/json"), *headers]
+        if content_length is not None:
+            headers_.append((b"content-length", str(content_length).encode()))
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+                 "headers": headers_, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000)}
+        await app(scope, receive, send)
+
+    asyncio.run(main_())
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, json.loads(body), read
+
+
+TOO_LARGE = error("the request body is larger than 2500 bytes, this server's limit (vitune serve --max-request-bytes): "
+                  "send a shorter request, or raise the limit", code="request_too_large")
+
+
+def test_a_body_over_the_limit_is_413_by_its_content_length_before_a_byte_is_read(served_tiny):
+    from vitune.infer.serve import build_app
+
+    app = build_app(*served_tiny, max_request_bytes=2500)
+    assert asgi_post(app, [b"x" * 2501], content_length=2501) == (413, TOO_LARGE, 0)
+
+
+def test_a_chunked_body_is_413_at_the_chunk_that_passes_the_limit(served_tiny):
+    from vitune.infer.serve import build_app
+
+    app = build_app(*served_tiny, max_request_bytes=2500)
+    # 10 chunks of 1,000 bytes, no Content-Length: the 3rd passes 2,500, and the other 7 are never read
+    assert asgi_post(app, [b"x" * 1000] * 10) == (413, TOO_LARGE, 3)
+
+
+def test_a_body_of_exactly_the_limit_is_answered(served_tiny):
+    from vitune.infer.serve import build_app
+
+    good = b'{"model": "tiny", "prompt": "a", "max_tokens": 1, "temperature": 0}'
+    app = build_app(*served_tiny, max_request_bytes=2500)
+    padded = good + b" " * (2500 - len(good))
+    status, reply, read = asgi_post(app, [padded[:1000], padded[1000:]])
+    assert (status, read, reply["usage"]["completion_tokens"]) == (200, 2, 1)
+    status, reply, read = asgi_post(app, [padded], content_length=2500)
+    assert (status, read, reply["usage"]["completion_tokens"]) == (200, 1, 1)
+
+
+def test_a_body_over_the_limit_is_413_through_a_client_too(served_tiny):
+    client = in_process(served_tiny, max_request_bytes=2500)
+    body = {"model": "tiny", "prompt": "a" * 3000}
+    reply = client.post("/v1/completions", json=body)
+    assert (reply.status_code, reply.json(), reply.headers["connection"]) == (413, TOO_LARGE, "close")
+    chunked = client.post("/v1/completions", content=iter([b"x" * 2000, b"x" * 2000]))
+    assert (chunked.status_code, chunked.json()) == (413, TOO_LARGE)
+
+
+def test_max_request_bytes_defaults_to_1_mib_and_says_why():
+    import typer
+
+    from vitune.cli.app import app
+    from vitune.infer.serve import MAX_REQUEST_BYTES
+
+    serve = typer.main.get_command(app).commands["serve"]
+    option = next(p for p in serve.params if p.name == "max_request_bytes")
+    assert option.opts == ["--max-request-bytes"] and option.default == MAX_REQUEST_BYTES == 1048576
+    assert option.help == ("Largest request body in bytes; a larger one gets 413 before it is read (a prompt that "
+                           "fits the context is far smaller: this keeps one client from filling the memory)")
+
+
+# -------------------------------- the API key, compared in constant time on bytes
+
+
+@pytest.mark.parametrize("key, sent, status", [
+    ("sekret", b"Bearer sekret", 200),
+    ("sekret", b"Bearer nope", 401),
+    ("sekret", None, 401),
+    ("sekret", "Bearer khóa".encode("utf-8"), 401),  # a non-ASCII key against an ASCII one: 401, not 500
+    ("khóa", "Bearer khóa".encode("utf-8"), 200),  # a non-ASCII key works, sent as UTF-8
+    ("khóa", "Bearer khoá".encode("utf-8"), 401),  # the same letters, the accent on another vowel
+])
+def test_the_api_key_is_compared_as_bytes(served_tiny, key, sent, status):
+    client = in_process(served_tiny, api_key=key)
+    reply = client.get("/v1/models", headers={} if sent is None else {"authorization": sent})
+    assert reply.status_code == status
+    if status == 401:
+        assert reply.json() == error("missing or wrong API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+    assert client.get("/health").status_code == 200  # no key needed outside /v1/
+
+
+def test_a_request_without_the_key_is_refused_before_its_body_is_read(served_tiny):
+    from vitune.infer.serve import build_app
+
+    app = build_app(*served_tiny, api_key="sekret", max_request_bytes=2500)
+    status, reply, read = asgi_post(app, [b"x" * 1000] * 10)
+    assert (status, reply["error"]["code"], read) == (401, "invalid_api_key", 0)
+
+
+def test_the_key_in_other_bytes_than_utf8_is_401(served_tiny):
+    from vitune.infer.serve import build_app
+
+    app = build_app(*served_tiny, api_key="khóa")
+    good = b'{"model": "tiny", "prompt": "a", "max_tokens": 1, "temperature": 0}'
+    # raw ASGI: starlette's TestClient would re-encode the header as UTF-8
+    assert asgi_post(app, [good], headers=[(b"authorization", "Bearer khóa".encode("utf-8"))])[0] == 200
+    assert asgi_post(app, [good], headers=[(b"authorization", "Bearer khóa".encode("latin-1"))])[0] == 401

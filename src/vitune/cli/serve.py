@@ -29,6 +29,9 @@ def serve(
     template: str = typer.Option("auto", help="auto = the template saved with the tokenizer"),
     max_batch: int = typer.Option(16, help="Most requests generated together in one batch"),
     max_queue: int = typer.Option(256, help="Most requests waiting for a batch slot; more get 429"),
+    max_request_bytes: int = typer.Option(
+        1048576, help="Largest request body in bytes; a larger one gets 413 before it is read (a prompt that "
+                      "fits the context is far smaller: this keeps one client from filling the memory)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Also load pickle weights (*.bin): trusted sources only"),
 ) -> None:
     import uvicorn
@@ -40,6 +43,8 @@ def serve(
 
     if max_batch < 1 or max_queue < 1:
         raise UserError(f"--max-batch {max_batch} / --max-queue {max_queue}: use at least 1")
+    if max_request_bytes < 1:
+        raise UserError(f"--max-request-bytes {max_request_bytes}: use at least 1 (the default is 1048576, 1 MiB)")
     adapters = []
     for item in adapter:
         key, sep, folder = item.partition("=")
@@ -53,7 +58,7 @@ def serve(
     check_port(host, port)  # again: something may have taken it while the model loaded
     engine.start()
     key = api_key or os.environ.get("VITUNE_API_KEY") or None
-    web = build_app(engine, loaded.models, api_key=key, context=loaded.context)
+    web = build_app(engine, loaded.models, api_key=key, context=loaded.context, max_request_bytes=max_request_bytes)
     typer.echo(f"serving {', '.join(m.name for m in loaded.models)} on http://{host}:{port}/v1", err=True)
     uvicorn.run(web, host=host, port=port, log_level="warning")
     engine.stop()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import time
 import uuid
@@ -17,9 +18,19 @@ from vitune.infer.batching import Engine, QueueFull, Request, Sampling
 from vitune.infer.served import ServedModel
 
 
+# A larger request body gets 413 before it is read: a prompt that fits a model's context is far smaller
+# (32k tokens of text are ~150 KB of JSON), and the limit keeps one client from filling the server's memory.
+MAX_REQUEST_BYTES = 1 << 20
+
+
+class ContentPart(BaseModel, extra="allow"):
+    type: str
+    text: str = ""  # read for type "text"; other parts (images, audio) are not read
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: Union[str, list[dict]]
+    content: Union[str, list[ContentPart]]
 
 
 class StreamOptions(BaseModel):
@@ -32,7 +43,7 @@ class Common(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's; torch's generator takes no more
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past the end of turn (benchmarks)
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
@@ -60,8 +71,77 @@ def error_body(message: str, type_: str, param=None, code=None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] = None, context: int = 2048):
-    """The FastAPI app: /health, /v1/models, /v1/chat/completions, /v1/completions over `engine`."""
+def lone_surrogate(body: BaseModel) -> Optional[tuple[str, str]]:
+    """The first string field of the request that holds a lone surrogate, as (path, the surrogate), e.g.
+    ("messages[0].content", "\\ud800"), or None. JSON's "\\ud800" decodes to a str that no UTF-8 can encode, and
+    tokenizers fail on it. Every string value is looked at, by a loop rather than recursion, as a client may
+    nest JSON as deep as the parser allows."""
+    stack = [(name, value) for name, value in reversed(list(body))]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                return path, value[exc.start]
+        elif isinstance(value, BaseModel):  # its fields, then the extra keys a content part may carry
+            stack.extend((f"{path}.{k}", v) for k, v in reversed(list(value)))
+        elif isinstance(value, dict):
+            stack.extend((f"{path}.{k}", v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list) and not all(type(v) is int for v in value):  # token ids hold no text
+            stack.extend((f"{path}[{i}]", v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than `limit` bytes gets 413 in OpenAI's shape, by its
+    Content-Length before a byte of it is read, or (a chunked body) as soon as the bytes read pass the limit.
+    A body within it is read here and handed on whole, as FastAPI would have read it anyway."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self.refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away mid-body: nobody to answer
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self.refuse(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # later calls: http.disconnect, which a streaming answer waits for
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, scope, receive, send):
+        from fastapi.responses import JSONResponse
+
+        message = (f"the request body is larger than {self.limit} bytes, this server's limit "
+                   f"(vitune serve --max-request-bytes): send a shorter request, or raise the limit")
+        reply = JSONResponse(error_body(message, "invalid_request_error", code="request_too_large"), status_code=413,
+                             headers={"connection": "close"})  # the unread rest of the body cannot be skipped
+        await reply(scope, receive, send)
+
+
+def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] = None, context: int = 2048,
+              max_request_bytes: int = MAX_REQUEST_BYTES):
+    """The FastAPI app: /health, /v1/models, /v1/chat/completions, /v1/completions over `engine`; bodies over
+    `max_request_bytes` get 413, and with `api_key` every /v1/ path needs "Authorization: Bearer KEY"."""
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -79,25 +159,51 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_, exc: RequestValidationError):
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # FastAPI's loc is ("body", offset): not a field to name
+            message = f"the request body is not valid JSON: {first['ctx']['error']} (character {first['loc'][-1]})"
+            return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return JSONResponse(error_body(f"{where}: {first.get('msg')}" if where else str(first.get("msg")),
-                                       "invalid_request_error", where or None), status_code=400)
+        if not where:  # the body as a whole: none, not an object, or not sent as JSON
+            message = f"the request body: {first.get('msg')}; send a JSON object with Content-Type: application/json"
+            return JSONResponse(error_body(message, "invalid_request_error"), status_code=400)
+        return JSONResponse(error_body(f"{where}: {first.get('msg')}", "invalid_request_error", where),
+                            status_code=400)
 
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+        message = str(exc.detail)
+        # FastAPI answers "There was an error parsing the body" for any failure to read it; the cause says which
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            message = (f"the request body cannot be decoded as {exc.__cause__.encoding} (byte {exc.__cause__.start}): "
+                       f"send JSON encoded as UTF-8")
+        elif isinstance(exc.__cause__, RecursionError):
+            message = "the request body is JSON nested too deep to read: send a flatter request"
+        return JSONResponse(error_body(message, "invalid_request_error"), status_code=exc.status_code)
 
     @app.exception_handler(Exception)
     async def internal(_, exc: Exception):  # never a traceback to the client
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", "server_error"), status_code=500)
 
+    # added first, so inside check_key: a request without the key is refused before its body is read
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+    # bytes: a non-ASCII key compares instead of raising; the header's str is its raw bytes read as latin-1
+    expected = f"Bearer {api_key}".encode("utf-8") if api_key else None
+
     @app.middleware("http")
     async def check_key(request: HttpRequest, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+        if expected and request.url.path.startswith("/v1/"):
+            sent = request.headers.get("authorization", "").encode("latin-1")
+            if not hmac.compare_digest(sent, expected):  # constant time: the delay tells nothing of how much matched
                 return JSONResponse(error_body("missing or wrong API key (send Authorization: Bearer KEY)",
                                                "invalid_request_error", code="invalid_api_key"), status_code=401)
         return await call_next(request)
+
+    def refuse_lone_surrogates(body: BaseModel) -> None:
+        found = lone_surrogate(body)
+        if found is not None:
+            where, char = found
+            raise ApiError(400, f"{where}: a lone UTF-16 surrogate (\\u{ord(char):04x}) is not a character; "
+                                f"send valid Unicode: pair it with its other half, or remove it", param=where)
 
     @app.get("/health")
     async def health():
@@ -140,10 +246,12 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
         try:
             for request in requests:
                 engine.submit(request)
-        except QueueFull as exc:
+        except BaseException as exc:  # those already queued would generate for nobody
             for request in requests:
                 request.cancel()
-            raise ApiError(429, str(exc), "rate_limit_error", code="queue_full") from None
+            if isinstance(exc, QueueFull):
+                raise ApiError(429, str(exc), "rate_limit_error", code="queue_full") from None
+            raise
         return _events(events, requests)
 
     async def _events(events: asyncio.Queue, requests: list[Request]):
@@ -167,12 +275,13 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest):
+        refuse_lone_surrogates(body)
         model = served(body.model)
         system = None
         messages = []
         for m in body.messages:
             text = m.content if isinstance(m.content, str) else "".join(
-                part.get("text", "") for part in m.content if part.get("type") == "text")
+                part.text for part in m.content if part.type == "text")
             if m.role == "system":
                 system = text if system is None else f"{system}\n\n{text}"
             else:
@@ -225,6 +334,7 @@ def build_app(engine: Engine, models: list[ServedModel], api_key: Optional[str] 
 
     @app.post("/v1/completions")
     async def complete(body: CompletionRequest):
+        refuse_lone_surrogates(body)
         model = served(body.model)
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
