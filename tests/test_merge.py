@@ -61,6 +61,32 @@ def test_a_chatml_run_stops_at_im_end_and_at_eos(tiny_models, tmp_path):
     assert "<|im_end|>" in tokens and len(stops) == len(set(stops))
 
 
+def test_a_gemma3_run_merges_exactly_and_keeps_its_embedding_tied(tiny_models, tmp_path):
+    # Gemma 3 ties its output matrix to the embedding: the merge must neither untie them nor save
+    # a second copy that a loader could read instead
+    from peft import PeftModel
+
+    base = tiny_models["gemma3"]
+    run = train(tmp_path, base, "gemma3")
+    out = tmp_path / "merged"
+    assert main(["merge", str(run), "--out", str(out), "--dtype", "float32"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run).eval()
+    ids = AutoTokenizer.from_pretrained(out)("Thủ đô của Việt Nam là Hà Nội, thành phố nghìn năm văn hiến.")["input_ids"]
+    assert (logits(merged, ids) - logits(reference, ids)).abs().max() < 1e-5
+    assert (logits(merged, ids) - logits(AutoModelForCausalLM.from_pretrained(base), ids)).abs().max() > 1e-3
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert merged.lm_head.weight.data_ptr() == merged.get_input_embeddings().weight.data_ptr()
+    from safetensors import safe_open
+
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert "lm_head.weight" not in weights.keys()
+        embedding = weights.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(embedding, AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight)
+    stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert AutoTokenizer.from_pretrained(out).convert_ids_to_tokens(stops) == ["<end_of_turn>", "<eos>"]
+
+
 def test_merge_with_dtype_bfloat16(lora_run, tmp_path):
     out = tmp_path / "bf16"
     assert main(["merge", str(lora_run), "--out", str(out), "--dtype", "bfloat16"]) == 0
