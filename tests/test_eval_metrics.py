@@ -17,6 +17,8 @@ from vitune.eval.metrics import (
     exact_match,
     normalize_answer,
     rouge_l,
+    repeated_ngrams,
+    repetition,
     score_answers,
 )
 
@@ -211,3 +213,22 @@ def test_import_does_not_load_scoring_libraries():
 
 def test_punctuation_between_words_keeps_them_apart():
     assert normalize_answer("Hà Nội,Việt Nam") == "hà nội việt nam"
+
+
+# repetition: how much an answer loops
+
+
+def test_repeated_ngrams_of_a_looping_answer():
+    # 8 words -> 6 three-grams: (việt nam được) (nam được để) (được để để) (để để để) x3 -> 2 repeats
+    assert repeated_ngrams("Việt Nam được để để để để để") == (2, 6)
+    assert repeated_ngrams("Thủ đô của Việt Nam là Hà Nội.") == (0, 6)
+    assert repeated_ngrams("Hà Nội") == (0, 0)  # fewer than 3 words: nothing to count
+
+
+def test_repetition_pools_all_answers():
+    answers = ["Việt Nam được để để để để để", "Thủ đô của Việt Nam là Hà Nội.", "Hà Nội"]
+    assert repetition(answers) == 2 / 12
+    assert score_answers(answers, ["x"] * 3).repetition == 2 / 12
+    assert repetition(["a b", ""]) == 0.0
+    # case, tone-mark style and punctuation do not hide a loop
+    assert repeated_ngrams("Hoà bình, hòa bình. HOÀ BÌNH hoà bình") == (4, 6)  # 2 distinct of 6

@@ -2,7 +2,8 @@
 
 In: two equal-length lists of strings (model predictions, reference answers).
 Out: per-pair floats (`exact_match` 0/1, `chrf` 0..100, `rouge_l` 0..1) and, over a whole
-set, an `AnswerScores` with the row count, mean exact match, corpus chrF and mean ROUGE-L.
+set, an `AnswerScores` with the row count, mean exact match, corpus chrF, mean ROUGE-L and the
+share of repeated word 3-grams in the predictions (`repetition`: how much a model loops).
 
 Both sides go through `normalize_answer` first, so Unicode form, tone-mark style
 ("hoà" vs "hòa"), case, punctuation and spacing never count as a difference.
@@ -94,6 +95,23 @@ class AnswerScores:
     exact_match: float  # mean over rows, 0..1
     chrf: float  # corpus-level chrF over all rows, 0..100
     rouge_l: float  # mean of sentence ROUGE-L F over rows, 0..1
+    repetition: float  # repeated word 3-grams / all word 3-grams of the predictions, 0..1
+
+
+def repeated_ngrams(text: str, n: int = 3) -> tuple[int, int]:
+    """(repeated, total) word n-grams of one normalised answer: an n-gram counts as repeated each
+    time it occurs again after its first occurrence. A looping answer ("để để để ...") is near 1."""
+    words = normalize_answer(text).split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) - len(set(grams)), len(grams)
+
+
+def repetition(predictions: list[str], n: int = 3) -> float:
+    """The share of repeated word n-grams over all predictions (pooled, so long answers weigh
+    more); 0.0 when no prediction has n words."""
+    counts = [repeated_ngrams(p, n) for p in predictions]
+    total = sum(t for _, t in counts)
+    return sum(r for r, _ in counts) / total if total else 0.0
 
 
 def score_answers(predictions: list[str], references: list[str]) -> AnswerScores:
@@ -116,4 +134,4 @@ def score_answers(predictions: list[str], references: list[str]) -> AnswerScores
     else:
         # Both-empty rows add no n-grams, so they neither help nor hurt the corpus score.
         corpus_chrf = _chrf_metric().corpus_score(preds, [refs]).score
-    return AnswerScores(count=n, exact_match=em, chrf=corpus_chrf, rouge_l=rl)
+    return AnswerScores(count=n, exact_match=em, chrf=corpus_chrf, rouge_l=rl, repetition=repetition(predictions))

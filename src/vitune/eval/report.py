@@ -15,7 +15,8 @@ from vitune.errors import DISK_ERRNOS, DiskError, UserError
 # the headline figures of each task, in table order; True = higher is better
 HEADLINES = {
     "multiple_choice": [("acc", True), ("acc_norm", True), ("vmlu_acc", True)],
-    "conversations": [("loss", False), ("perplexity", False), ("exact_match", True), ("chrf", True), ("rouge_l", True)],
+    "conversations": [("loss", False), ("perplexity", False), ("exact_match", True), ("chrf", True), ("rouge_l", True),
+                      ("repetition", False)],
     "text": [("bits_per_char", False), ("perplexity", False)],
     "preference": [("implicit_reward_accuracy", True), ("implicit_reward_margin", True), ("reward_accuracy", True),
                    ("reward_margin", True)],
