@@ -26,7 +26,7 @@ from vitune.cli.app import app
 def init_model(
     out: Path = typer.Option(..., help="Folder to write the model to", show_default=False),
     arch: Optional[str] = typer.Option(None, help="Tiny random model: llama | mistral | qwen2 | gemma3 | bloom [default: llama]"),
-    preset: Optional[str] = typer.Option(None, help="Real model: smollm2-135m-instruct", show_default=False),
+    preset: Optional[str] = typer.Option(None, help="Real model: smollm2-135m-instruct | gemma3-270m", show_default=False),
     seed: int = typer.Option(0, help="Seed of the random weights (tiny models)"),
     sliding_window: Optional[int] = typer.Option(
         None, help="Tokens each sliding-window layer sees (tiny mistral: none by default; tiny gemma3: 32)",
