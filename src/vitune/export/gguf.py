@@ -2,7 +2,7 @@
 that llama.cpp, Ollama and LM Studio run.
 
 The story: the source as one model folder (a LoRA / QLoRA run is merged first, `export/merge.py`)
--> its family (llama, mistral, qwen2, bloom: `FAMILIES`) -> hyper-parameters and the tokenizer
+-> its family (llama, mistral, qwen2, gemma3, bloom: `FAMILIES`) -> hyper-parameters and the tokenizer
 (tokens, types, merges or scores, the pre-tokenizer llama.cpp must use, BOS/EOS/EOT/PAD, the
 training chat template) as GGUF metadata -> every weight renamed to llama.cpp's names,
 re-ordered where llama.cpp's kernels expect another layout, and quantised -> one file, written
@@ -49,6 +49,8 @@ class GGUFFamily:
     arch: str            # llama.cpp's architecture name
     permute_qk: bool     # llama.cpp's "llama" rotary embedding pairs dimensions (2i, 2i+1), HF's (i, i+d/2)
     fused_qkv: bool = False
+    # added to every RMSNorm weight: Gemma's norms scale by (1 + weight), llama.cpp's by the weight
+    norm_shift: float = 0.0
 
 
 FAMILIES = {
@@ -56,6 +58,9 @@ FAMILIES = {
     # Mistral has the llama architecture (llama.cpp's converter writes it as "llama" too)
     "MistralForCausalLM": GGUFFamily("llama", permute_qk=True),
     "Qwen2ForCausalLM": GGUFFamily("qwen2", permute_qk=False),
+    # llama.cpp's gemma3 graph rotates HF's halves (NEOX) and scales the embedding by sqrt(hidden)
+    # itself, so only the norms change; a tied embedding is read back as the output matrix
+    "Gemma3ForCausalLM": GGUFFamily("gemma3", permute_qk=False, norm_shift=1.0),
     "BloomForCausalLM": GGUFFamily("bloom", permute_qk=False, fused_qkv=True),
 }
 
@@ -259,6 +264,8 @@ def _loader(key: str, config, family: GGUFFamily, weights: WeightFiles):
             return interleave_rotary(data, _kv_heads(config))
         if family.fused_qkv and key.endswith(("query_key_value.weight", "query_key_value.bias")):
             return split_fused_qkv(data, config.n_head)
+        if family.norm_shift and key.endswith("norm.weight"):
+            return data + family.norm_shift
         return data
 
     return load
@@ -321,7 +328,8 @@ def write_hparams(writer, config, family: GGUFFamily) -> None:
     writer.add_head_count_kv(_kv_heads(config))
     head_dim = _head_dim(config)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // config.num_attention_heads:
+    # Gemma 3 always: transformers' GGUF reader takes a missing one as 256, its default head_dim
+    if head_dim != config.hidden_size // config.num_attention_heads or family.arch == "gemma3":
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(params.get("rope_theta", 10000.0)))
@@ -330,11 +338,45 @@ def write_hparams(writer, config, family: GGUFFamily) -> None:
         writer.add_rope_scaling_factor(float(params["factor"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    if family.arch == "gemma3":
+        write_gemma3_attention(writer, config, head_dim)
 
 
-def _rope_parameters(config) -> dict:
-    # transformers 5 keeps theta and scaling in config.rope_parameters; older configs at the top level
+def write_gemma3_attention(writer, config, head_dim: int) -> None:
+    """Gemma 3's sliding-window layers (the window, which layers, their own rope base) and the
+    checks that llama.cpp's gemma3 graph computes what this config does."""
+    where = Path(config.name_or_path) / "config.json"
+    # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for its 62-layer 27B
+    expected = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
+    if getattr(config, "query_pre_attn_scalar", head_dim) != expected:
+        raise UserError(f"{where}: query_pre_attn_scalar {config.query_pre_attn_scalar}, but llama.cpp's gemma3 "
+                        f"scales queries by 1/sqrt({expected}) for this shape: the GGUF file would compute another model")
+    if getattr(config, "attn_logit_softcapping", None) or getattr(config, "use_bidirectional_attention", False):
+        raise UserError(f"{where}: attention logit soft-capping or bidirectional attention, which llama.cpp's "
+                        "gemma3 has neither of")
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    window = getattr(config, "sliding_window", None)
+    layers = list(getattr(config, "layer_types", None) or [])
+    if not window or "sliding_attention" not in layers:
+        return  # every layer global: llama.cpp's gemma3 without a window key
+    local = _rope_parameters(config, "sliding_attention")
+    if local.get("rope_type", "default") != "default":
+        raise UserError(f"{where}: rope scaling {local['rope_type']!r} on the sliding-window layers, but "
+                        "llama.cpp's gemma3 scales only the global layers' rope")
+    writer.add_sliding_window(int(window))
+    # per layer: llama.cpp's default (five local, one global) is Gemma 3's, not a tiny or pruned model's
+    writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layers])
+    writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+
+
+def _rope_parameters(config, layers: str = "full_attention") -> dict:
+    """The rope settings of the global layers (or of `layers`, where a config has one set per layer kind)."""
+    # transformers 5 keeps theta and scaling in config.rope_parameters (Gemma 3: one entry per layer
+    # kind); older configs at the top level
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if isinstance(params.get(layers), dict):
+        params = dict(params[layers])
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     return params
 

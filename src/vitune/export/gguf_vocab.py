@@ -6,9 +6,10 @@ llama.cpp's terms:
   merges, and the name of the pre-tokenizer regex llama.cpp should split text with — recognised
   here from the tokenizer's own pre-tokenizer, never guessed: a regex llama.cpp has no name for
   is refused, since a wrong split silently changes every token id;
-- SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Vistral, VinaLlama): model
+- SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Vistral, VinaLlama, Gemma 3): model
   "llama", the tokens, and scores that make llama.cpp's highest-score-first merging follow the
-  BPE merge order (score = -rank of the merge that makes the token);
+  BPE merge order (score = -rank of the merge that makes the token); whether a space is put
+  before the text is read from the tokenizer (Llama 2 puts one, Gemma does not);
 - token types: control for special tokens, user-defined for other added tokens, byte for
   `<0xNN>`, unknown, normal; rows the embedding has beyond the tokenizer are `[PAD{id}]`, unused.
 
