@@ -43,3 +43,7 @@ def gguf(
         f"{done['tensors']} tensors, {done['tokens']} tokens ({done['tokenizer']}"
         f"{', pre-tokenizer ' + done['pre_tokenizer'] if done['pre_tokenizer'] else ''}), {ends}, "
         f"chat template {'included' if done['chat_template'] else 'none'}{kept}", soft_wrap=True)
+    if done["window"]:
+        console.print(f"context length {done['window']:,} tokens, the model's sliding window: llama.cpp's "
+                      f"{done['architecture']} graph has none, and within the window it computes what the model does",
+                      soft_wrap=True)

@@ -151,7 +151,8 @@ def write_gguf(folder: Path, out: Path, quant: str, name: str) -> dict:
         writer.write_tensor_data(gguf.quants.quantize(t.load(), t.ggml_type))
     writer.close()
     kept = sorted({t.name for t in tensors if t.fallback})
-    return {"architecture": family.arch, "quant": quant, "tensors": len(tensors), "kept_f16": kept, **vocab}
+    return {"architecture": family.arch, "quant": quant, "tensors": len(tensors), "kept_f16": kept,
+            "window": uniform_window(config, family), **vocab}
 
 
 # ---------------------------------------------------------------- weights
@@ -320,7 +321,7 @@ def write_hparams(writer, config, family: GGUFFamily) -> None:
     rope_type = params.get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
         raise UserError(f"rope scaling {rope_type!r}: GGUF export writes default, linear and llama3 rope only")
-    writer.add_context_length(config.max_position_embeddings)
+    writer.add_context_length(context_length(config, family))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
@@ -340,6 +341,23 @@ def write_hparams(writer, config, family: GGUFFamily) -> None:
     writer.add_vocab_size(config.vocab_size)
     if family.arch == "gemma3":
         write_gemma3_attention(writer, config, head_dim)
+
+
+def uniform_window(config, family: GGUFFamily) -> int | None:
+    """The sliding window of a model whose every layer slides (Mistral-7B-v0.1 and its derivatives
+    such as Vistral-7B-Chat: 4,096 of 32,768 positions), for an architecture whose llama.cpp graph
+    has no window ("llama", "qwen2"); None when there is none to lose."""
+    window = getattr(config, "sliding_window", None)
+    if family.arch == "gemma3" or not window or getattr(config, "use_sliding_window", True) is False:
+        return None  # gemma3 writes its windows; Qwen2 carries a sliding_window it does not use
+    return int(window) if window < config.max_position_embeddings else None
+
+
+def context_length(config, family: GGUFFamily) -> int:
+    """The context the file states: the model's, or its window when llama.cpp would attend past it.
+    Within the window full attention is sliding attention, so llama.cpp computes what transformers
+    does; llama.cpp warns when asked for a longer context than the file states."""
+    return uniform_window(config, family) or config.max_position_embeddings
 
 
 def write_gemma3_attention(writer, config, head_dim: int) -> None:
