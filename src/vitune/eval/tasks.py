@@ -23,6 +23,7 @@ from vitune.data.records import Conversation, Message, Rejection
 from vitune.data.templates import TemplateRefused
 from vitune.data.tokenize import tokenize_conversations
 from vitune.eval import multiple_choice as mc
+from vitune.eval.chunked_loss import next_tokens, token_logps
 from vitune.eval.metrics import score_answers
 from vitune.infer.batching import Engine, Request, Sampling
 from vitune.models.attention import supports_packing
@@ -143,14 +144,13 @@ def token_losses(scorer: Scorer, rows: list[tuple[list[int], list[int]]]) -> lis
         for r, i in enumerate(batch):
             n = len(rows[i][0])
             ids[r, :n], labels[r, :n], mask[r, :n] = torch.tensor(rows[i][0]), torch.tensor(rows[i][1]), 1
-        with torch.inference_mode():
-            logits = scorer.model(input_ids=ids, attention_mask=mask).logits.float()
-        logprobs = torch.log_softmax(logits[:, :-1], -1)
-        target = labels[:, 1:]
-        scored = target != -100
-        picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        with torch.inference_mode():  # a chunk of tokens at a time: never the logits of the whole batch
+            logps, in_row = token_logps(scorer.model, {"input_ids": ids, "attention_mask": mask},
+                                        next_tokens({"labels": labels}))
+        nll = torch.zeros(len(batch), dtype=torch.float32, device=logps.device).index_add(0, in_row, -logps)
+        counts = torch.bincount(in_row, minlength=len(batch))
         for r, i in enumerate(batch):
-            out[i] = (float(-(picked[r][scored[r]]).sum()), int(scored[r].sum()))
+            out[i] = (float(nll[r]), int(counts[r]))
     return [out[i] for i in range(len(rows))]
 
 

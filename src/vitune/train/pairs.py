@@ -11,10 +11,10 @@ pair runs once for both answers.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening
 
 from vitune.data.tokenize import IGNORE
+from vitune.eval.chunked_loss import next_tokens, token_logps
 from vitune.models.reward_model import model_inputs
 from vitune.train.stage import start_to_end
 from vitune.train.trainer import VituneTrainer
@@ -191,24 +191,19 @@ def disable_dropout(model):
     return model
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per sequence of the batch: summed log-probability of its trained tokens, their count, and
-    the summed negative log-probability of every trained token (per sequence, for NLL terms)."""
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence of the batch: the summed log-probability of its trained tokens and their count.
+    The log-probabilities come a chunk of tokens at a time (vitune.eval.chunked_loss), never the
+    logits of the whole batch at once."""
     n = batch["n_sequences"]
-    if "logits_to_keep" in batch:
-        logits = model(**model_inputs(batch), logits_to_keep=batch["logits_to_keep"]).logits[0]
-        targets = batch["shift_labels"][0]
-        index = batch["sequence_index"]
-    else:
-        logits = model(**model_inputs(batch)).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        trained = labels != IGNORE
-        index = torch.arange(n, device=labels.device).unsqueeze(1).expand_as(labels)[trained]
-        logits, targets = logits[trained], labels[trained]
-    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, index, token_logps)
-    counts = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(
-        0, index, torch.ones_like(token_logps))
+    inputs = model_inputs(batch)
+    if "logits_to_keep" in batch:  # packed: the head runs only where a token is trained
+        inputs["logits_to_keep"] = batch["logits_to_keep"]
+    logps, rows = token_logps(model, inputs, next_tokens(batch))
+    index = batch["sequence_index"] if "logits_to_keep" in batch else rows  # padded: a sequence per row
+    sums = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, index, logps)
+    counts = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(
+        0, index, torch.ones_like(logps))
     return sums, counts
 
 

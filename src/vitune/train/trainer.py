@@ -14,6 +14,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from vitune.eval.chunked_loss import causal_lm_loss
 from vitune.eval.plot import TASK_PREFIX  # eval/<file>/<figure>: evaluations while training (train/evaluation.py)
 from vitune.train.checkpoint import STAGING, checkpoint_save_failed, disk_failure, write_marker
 from vitune.train.shares import ExactSharesMixin
@@ -96,9 +97,18 @@ class VituneTrainerMixin:
         finally:
             self.remove_callback(_NothingLeftToTrain)
 
+    # True where the loss is the causal LM's cross-entropy over the vocabulary (VituneTrainer: sft, pt);
+    # TRL's trainers (rl) and the pair trainers (rm, dpo) compute their own losses
+    vocab_loss = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
             self._count(inputs)
+        if self.vocab_loss:
+            # Trainer's compute_loss (num_items_in_batch, the scale for processes, fillers) around the model's loss
+            # as vitune.eval.chunked_loss computes it: in chunks of tokens, by Liger's kernel, or by the forward
+            language_model, liger = model, self.args.use_liger_kernel
+            model = lambda **batch: causal_lm_loss(language_model, batch, liger)  # noqa: E731
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _row_lengths(self, inputs: dict) -> tuple[torch.Tensor, int]:
@@ -215,13 +225,18 @@ class VituneTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
     """`Trainer` that also measures what a step does: real (non-padding) tokens, token
     slots, model FLOPs, for tokens/s, padding fraction, TFLOP/s and MFU in the logs.
 
-    The loss itself is Trainer's: with `num_items_in_batch` it is the mean over all trained
-    tokens of the optimizer step (across micro-batches, gradient accumulation and
-    processes), not a mean of per-micro-batch means. PEFT models keep it: Trainer looks
-    through the adapter to the base model's forward, which takes the loss kwargs. Several
+    The loss is the causal LM's cross-entropy as Trainer normalises it: with `num_items_in_batch`
+    the mean over all trained tokens of the optimizer step (across micro-batches, gradient
+    accumulation and processes), not a mean of per-micro-batch means. PEFT models keep it: Trainer
+    looks through the adapter to the base model's forward, which takes the loss kwargs. The
+    cross-entropy itself is computed a chunk of tokens at a time, never holding the logits of the
+    whole micro-batch (vitune.eval.chunked_loss, which decides: Liger's kernel where it is
+    applied, the model's own forward where chunks cannot be exact). Several
     processes share out every global batch with no item repeated, the epoch's short last one
     included (train/shares.py), so they train exactly what one process trains.
     """
+
+    vocab_loss = True
 
 
 class _AtLastStep(Exception):
