@@ -184,7 +184,7 @@ def conversations(scorer: Scorer, convs: list[Conversation], generate: bool = Fa
             references.append(conv.messages[last].content)
         answers = scorer.generate(prompts, max_new_tokens)
         scores = score_answers([a.strip() for a in answers], references)
-        figures.update(exact_match=scores.exact_match, chrf=scores.chrf, rouge_l=scores.rouge_l)
+        figures.update(exact_match=scores.exact_match, chrf=scores.chrf, rouge_l=scores.rouge_l, repetition=scores.repetition)
         figures["samples"] = [{"reference": r, "answer": a.strip()} for r, a in list(zip(references, answers))[:5]]
     return figures, rejected
 
