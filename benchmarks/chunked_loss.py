@@ -1,4 +1,4 @@
-"""The loss over the vocabulary in chunks (vitune.eval.chunked_loss) vs plain transformers, on the
+"""The loss over the vocabulary in chunks (vitune.models.chunked_loss) vs plain transformers, on the
 real Gemma-3-270M on the CPU: peak memory and tokens/s of a training step, and the two losses.
 
 Gemma 3's vocabulary has 262,144 tokens: the fp32 logits of a 1,024-token batch are 1 GiB, and
@@ -13,7 +13,7 @@ process computes the first step's loss with the head and the cross-entropy in fl
 of both fp32 losses.
 
   plain    model(input_ids=..., labels=...).loss: transformers' forward and loss, full logits
-  chunked  vitune.eval.chunked_loss.causal_lm_loss(model, batch).loss: what vitune's trainer runs
+  chunked  vitune.models.chunked_loss.causal_lm_loss(model, batch).loss: what vitune's trainer runs
 
 Each stack runs in its own subprocess (this script with --child), one after the other. Memory is
 that process's resident set from /proc/self/status: `loaded` = VmRSS with the model and adapter
@@ -90,7 +90,7 @@ def child(stack: str, model_dir: Path, tokens: int, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vitune.eval.chunked_loss import causal_lm_loss, loss_path
+    from vitune.models.chunked_loss import causal_lm_loss, loss_path
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -1,4 +1,4 @@
-"""The loss over the vocabulary computed a chunk of tokens at a time (vitune.eval.chunked_loss)
+"""The loss over the vocabulary computed a chunk of tokens at a time (vitune.models.chunked_loss)
 equals transformers' own, loss and gradients, on tiny random models of real architectures: Llama
 (its own lm_head), Qwen2 (head tied to the embeddings), Gemma 3 (tied, with and without
 final_logit_softcapping); full fine-tuning and LoRA (the head frozen, or LoRA on the head itself);
@@ -18,7 +18,7 @@ from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, TrainingArg
 
 from vitune.data.tokenize import IGNORE
 from vitune.eval import chunked_loss
-from vitune.eval.chunked_loss import causal_lm_loss, loss_path, next_tokens, token_logps
+from vitune.models.chunked_loss import causal_lm_loss, loss_path, next_tokens, token_logps
 from vitune.eval.tasks import Scorer, token_losses
 from vitune.models.attention import packed_attention
 from vitune.train.collate import PackedCollator, PadCollator

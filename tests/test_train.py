@@ -159,4 +159,4 @@ def test_init_model_cli_for_every_architecture(tmp_path, capsys):
         assert 2_000_000 < model.num_parameters() < 10_000_000
         assert tokenizer.chat_template
     assert main(["init-model", "--arch", "gpt2", "--out", str(tmp_path / "x")]) == 2
-    assert "choose one of llama, mistral, qwen2, bloom" in capsys.readouterr().err
+    assert "choose one of llama, mistral, qwen2, gemma3, bloom" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from vitune.data.records import Conversation, Message, Rejection
 from vitune.data.templates import TemplateRefused
 from vitune.data.tokenize import tokenize_conversations
 from vitune.eval import multiple_choice as mc
-from vitune.eval.chunked_loss import next_tokens, token_logps
+from vitune.models.chunked_loss import next_tokens, token_logps
 from vitune.eval.metrics import score_answers
 from vitune.infer.batching import Engine, Request, Sampling
 from vitune.models.attention import supports_packing

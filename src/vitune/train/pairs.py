@@ -14,7 +14,7 @@ import torch
 from transformers import DataCollatorWithFlattening
 
 from vitune.data.tokenize import IGNORE
-from vitune.eval.chunked_loss import next_tokens, token_logps
+from vitune.models.chunked_loss import next_tokens, token_logps
 from vitune.models.reward_model import model_inputs
 from vitune.train.stage import start_to_end
 from vitune.train.trainer import VituneTrainer
@@ -193,7 +193,7 @@ def disable_dropout(model):
 
 def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sequence of the batch: the summed log-probability of its trained tokens and their count.
-    The log-probabilities come a chunk of tokens at a time (vitune.eval.chunked_loss), never the
+    The log-probabilities come a chunk of tokens at a time (vitune.models.chunked_loss), never the
     logits of the whole batch at once."""
     n = batch["n_sequences"]
     inputs = model_inputs(batch)

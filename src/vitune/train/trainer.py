@@ -14,7 +14,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from vitune.eval.chunked_loss import causal_lm_loss
+from vitune.models.chunked_loss import causal_lm_loss
 from vitune.eval.plot import TASK_PREFIX  # eval/<file>/<figure>: evaluations while training (train/evaluation.py)
 from vitune.train.checkpoint import STAGING, checkpoint_save_failed, disk_failure, write_marker
 from vitune.train.shares import ExactSharesMixin
@@ -106,7 +106,7 @@ class VituneTrainerMixin:
             self._count(inputs)
         if self.vocab_loss:
             # Trainer's compute_loss (num_items_in_batch, the scale for processes, fillers) around the model's loss
-            # as vitune.eval.chunked_loss computes it: in chunks of tokens, by Liger's kernel, or by the forward
+            # as vitune.models.chunked_loss computes it: in chunks of tokens, by Liger's kernel, or by the forward
             language_model, liger = model, self.args.use_liger_kernel
             model = lambda **batch: causal_lm_loss(language_model, batch, liger)  # noqa: E731
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -230,7 +230,7 @@ class VituneTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
     accumulation and processes), not a mean of per-micro-batch means. PEFT models keep it: Trainer
     looks through the adapter to the base model's forward, which takes the loss kwargs. The
     cross-entropy itself is computed a chunk of tokens at a time, never holding the logits of the
-    whole micro-batch (vitune.eval.chunked_loss, which decides: Liger's kernel where it is
+    whole micro-batch (vitune.models.chunked_loss, which decides: Liger's kernel where it is
     applied, the model's own forward where chunks cannot be exact). Several
     processes share out every global batch with no item repeated, the epoch's short last one
     included (train/shares.py), so they train exactly what one process trains.

@@ -7,7 +7,7 @@
 - batches: packed best-fit into bins of data.max_length (one padding-free row per micro-batch,
   attention kept within each conversation), or padded to the longest row with packing off;
 - loss and trainer: the causal-LM cross-entropy as the mean over every trained token of the
-  optimizer step (`VituneTrainer`), computed a chunk of tokens at a time (vitune.eval.chunked_loss)
+  optimizer step (`VituneTrainer`), computed a chunk of tokens at a time (vitune.models.chunked_loss)
   or by Liger's fused kernels on a GPU;
 - saves and logs: nothing beyond the runner's (weights, tokenizer with the template, metrics).
 """

@@ -37,8 +37,7 @@ whose forward does more to its logits than is repeated here (not in CHUNKED_ARCH
 Cohere's logit scale, Mixtral's router loss), or weights sharded across processes (FSDP, DeepSpeed
 ZeRO-3: the head's weight is whole only inside their forward).
 
-It lives in eval/ because training (train/) and vitune eval both score tokens with it, and eval
-may not import train.
+It lives in models/, below both training (train/) and vitune eval, which score tokens with it.
 """
 
 from __future__ import annotations
