@@ -150,7 +150,13 @@ def test_qlora_quantises_decoder_linears_and_upcasts_the_rest():
 
 def test_checkpointing_and_context_length_move_memory_the_right_way():
     short, long = estimate(run("lora", 2048), LLAMA3_8B), estimate(run("lora", 4096), LLAMA3_8B)
-    assert long.logits_loss == 2 * short.logits_loss == 12 * 128256 * 4096 / GIB
+    # the chunked loss (models/chunked_loss.py): two chunks of 256 MiB of fp32 logits, and the fp32
+    # gradient of every token's hidden state
+    assert short.logits_loss == (2 * 2**28 + 4 * 4096 * 2048) / GIB == 0.53125
+    assert long.logits_loss == (2 * 2**28 + 4 * 4096 * 4096) / GIB == 0.5625
+    # never more than the plain loss's 12 bytes per logit (a small vocabulary and micro-batch)
+    tiny = {**LLAMA3_8B, "vocab_size": 1000}
+    assert estimate(run("lora", 2048), tiny).logits_loss == 12 * 1000 * 2048 / GIB
     no_ckpt = estimate(run("lora", 2048, gradient_checkpointing=False), LLAMA3_8B)
     assert no_ckpt.activations > 10 * short.activations
     assert short.predicted_tokens_per_s > 0 and short.flops_per_token > 4 * 7.5e9

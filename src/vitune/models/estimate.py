@@ -165,6 +165,22 @@ def optimizer_bytes(name: str, shapes: list[tuple[int, ...]], param_bytes: int) 
     return total
 
 
+def model_config_type(model_config) -> str | None:
+    return model_config.get("model_type") if isinstance(model_config, dict) else getattr(model_config, "model_type", None)
+
+
+def logits_bytes(model_type: str | None, arch: Architecture, tokens: int) -> int:
+    """What the loss over the vocabulary holds at its peak: fp32 logits, their softmax and gradient
+    for every token (12 bytes each) in the model's own forward; with vitune's chunked loss
+    (models/chunked_loss.py) one chunk's logits and softmax and the hidden states' fp32 gradient."""
+    from vitune.models.chunked_loss import CHUNK_BYTES, CHUNKED_ARCHITECTURES  # lazy: it imports torch
+
+    plain = 12 * arch.vocab * tokens
+    if model_type not in CHUNKED_ARCHITECTURES:
+        return plain
+    return min(plain, 2 * CHUNK_BYTES + 4 * arch.hidden * tokens)
+
+
 def layer_activation_bytes(
     arch: Architecture, full: bool, targets: list[Linear], dropout: bool, autocast: bool, act: int, r: int
 ) -> float:
@@ -288,7 +304,7 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
         notes.append("eager attention stores seq x seq scores per head; sdpa / flash attention do not")
     residual = 4 if qlora else act
     final_norm = tokens * (4 * arch.hidden + (act * arch.hidden if full else 0))
-    logits = 12 * arch.vocab * tokens
+    logits = logits_bytes(model_config_type(model_config), arch, tokens)
     if train.gradient_checkpointing:
         kept = arch.layers * residual * arch.hidden * tokens + final_norm
         activations = kept + LAYER_BACKWARD_FACTOR * per_layer
@@ -297,10 +313,12 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
         activations = arch.layers * per_layer + final_norm
         transient = activations + logits
         notes.append("gradient checkpointing (train.gradient_checkpointing: true) would keep only each layer's input")
-    notes.append(
-        f"the loss holds 12 bytes x {arch.vocab:,} vocab x {tokens:,} tokens in fp32; a fused linear "
-        "cross-entropy (e.g. Liger, Cut Cross-Entropy) would remove most of logits_loss"
-    )
+    if logits < 12 * arch.vocab * tokens:
+        notes.append(f"the loss takes the {arch.vocab:,}-token logits a chunk of tokens at a time "
+                     f"(models/chunked_loss.py), never all {tokens:,} tokens' at once")
+    else:
+        notes.append(f"the loss holds 12 bytes x {arch.vocab:,} vocab x {tokens:,} tokens in fp32 (this architecture "
+                     "takes the model's own forward, not vitune's chunked loss)")
     notes.append("assumes every micro-batch is full (rows as long as data.max_length); shorter rows use less")
 
     accumulating = gradients if train.gradient_accumulation > 1 else 0.0

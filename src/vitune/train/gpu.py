@@ -9,6 +9,7 @@ import math
 import torch
 
 from vitune.errors import UserError
+from vitune.models.chunked_loss import CHUNK_BYTES, loss_path
 
 # Architectures whose Liger patches vitune has checked (liger-kernel supports more).
 LIGER_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "phi3"}
@@ -72,7 +73,12 @@ def checkpointing_plan(setting, model, tokens_per_micro_batch: int, liger: bool,
     # grad + Adam moments + fp32 master copy of every trained weight; LoRA adapters are tiny
     trainable = 16 * sum(p.numel() for p in params) if full_fine_tuning else 0
     dtype_bytes = 2 if base.dtype in (torch.bfloat16, torch.float16) else 4
-    logits = 0 if liger else tokens_per_micro_batch * config.vocab_size * (dtype_bytes + 8)  # + fp32 upcast and grad
+    if liger:
+        logits = 0
+    elif loss_path(model) == "chunked":  # one chunk of fp32 logits and its softmax (models/chunked_loss.py)
+        logits = min(2 * CHUNK_BYTES, tokens_per_micro_batch * config.vocab_size * (dtype_bytes + 8))
+    else:
+        logits = tokens_per_micro_batch * config.vocab_size * (dtype_bytes + 8)  # + fp32 upcast and grad
     fixed = weights + trainable + logits + 2**30  # + CUDA context and allocator slack
     full, kept = activation_bytes_per_token(config, dtype_bytes)
     layers = config.num_hidden_layers
