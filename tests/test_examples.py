@@ -35,7 +35,7 @@ def test_the_quickstart_holds_out_20_rows_and_the_demo_finds_its_questions_among
     config = load_config(ROOT / "examples" / "quickstart.yaml")
     assert (config.model.name_or_path, config.model.template, config.method.type) == ("runs/gemma-3-270m", "gemma", "lora")
     train, held_out = load_conversations(config.data, config.train.seed, DataReport())
-    assert (len(train), len(held_out)) == (420, 20)
+    assert (len(train), len(held_out)) == (150, 20)
     questions = demo.single_turn(held_out, 3)
     assert len(questions) == 3
     trained = {c.messages[0].text for c in train}
