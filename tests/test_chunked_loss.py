@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, TrainingArguments
 
 from vitune.data.tokenize import IGNORE
-from vitune.eval import chunked_loss
+from vitune.models import chunked_loss
 from vitune.models.chunked_loss import causal_lm_loss, loss_path, next_tokens, token_logps
 from vitune.eval.tasks import Scorer, token_losses
 from vitune.models.attention import packed_attention
