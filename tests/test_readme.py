@@ -33,8 +33,8 @@ def test_readme_gives_the_two_setup_commands():
 def test_the_readme_example_is_a_valid_run_config(name):
     block = re.search(r"cat > my-run\.yaml <<'YAML'\n(.*?)^YAML$", read(name), re.S | re.M).group(1)
     config = RunConfig.model_validate(yaml.safe_load(block))
-    assert (config.model.name_or_path, config.method.type, config.train.output_dir) == (
-        "runs/smollm2-135m-instruct", "lora", "runs/my-run")
+    assert (config.model.name_or_path, config.model.template, config.method.type, config.train.output_dir) == (
+        "runs/gemma-3-270m", "gemma", "lora", "runs/my-run")
     assert [entry.path for entry in config.data.train] == ["data/alpaca_vi.jsonl"]
     assert (ROOT / "data" / "alpaca_vi.jsonl").is_file()
 
@@ -60,4 +60,4 @@ def test_the_readme_and_the_docs_tell_the_same_measured_demo(name, page, start):
 
     demo = paragraph(read(name))
     assert demo == paragraph(read(page))
-    assert ("2.558 → 2.096" in demo) and ("12.9 → 8.1" in demo)
+    assert ("3.296 → 2.950" in demo or "3,296 → 2,950" in demo) and ("27.0 → 19.1" in demo or "27,0 → 19,1" in demo)
