@@ -112,7 +112,7 @@ def test_a_preset_whose_package_is_not_installed(tmp_path, capsys, monkeypatch):
 
 def test_an_unknown_preset_and_both_kinds_at_once(tmp_path, capsys):
     assert run(["init-model", "--preset", "gpt-5", "--out", tmp_path / "m"], capsys) == (
-        2, "error: unknown preset 'gpt-5'; choose one of: smollm2-135m-instruct\n")
+        2, "error: unknown preset 'gpt-5'; choose one of: smollm2-135m-instruct, gemma3-270m\n")
     assert run(["init-model", "--preset", "smollm2-135m-instruct", "--arch", "llama", "--out", tmp_path / "m"],
                capsys) == (2, "error: give --arch (a tiny random model) or --preset (a real model), not both\n")
 

@@ -77,7 +77,7 @@ def test_evaluations_come_before_training_every_eval_steps_and_at_the_end(run):
     assert set(logged[3]) == {
         "eval/vmlu_vi/acc", "eval/vmlu_vi/acc_norm", "eval/vmlu_vi/vmlu_acc",
         "eval/qa_vi_eval/loss", "eval/qa_vi_eval/perplexity", "eval/qa_vi_eval/exact_match", "eval/qa_vi_eval/chrf",
-        "eval/qa_vi_eval/rouge_l", "eval/corpus_vi_eval/bits_per_char", "eval/corpus_vi_eval/perplexity",
+        "eval/qa_vi_eval/rouge_l", "eval/qa_vi_eval/repetition", "eval/corpus_vi_eval/bits_per_char", "eval/corpus_vi_eval/perplexity",
         "eval/preference_vi_eval/implicit_reward_accuracy", "eval/preference_vi_eval/implicit_reward_margin"}
     # the training log of every step is still there (an evaluation's log does not replace it)
     assert [r["step"] for r in records(run) if "loss" in r] == [1, 2, 3]
