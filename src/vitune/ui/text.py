@@ -6,6 +6,8 @@ from __future__ import annotations
 import locale
 import os
 
+from vitune.errors import UserError
+
 LANGUAGES = {"vi": "Tiếng Việt", "en": "English"}
 
 TEXT: dict[str, tuple[str, str]] = {  # key: (English, Vietnamese)
@@ -147,3 +149,15 @@ def default_language(environ=os.environ) -> str:
     except ValueError:
         current = ""
     return "vi" if current.lower().startswith("vi") else "en"
+
+
+def one_line(exc: BaseException) -> str:
+    """A UserError's own line; anything else as its type and first line (the page never shows a traceback)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def error_md(message: str, lang: str) -> str:
+    return f"**{t('error', lang)}:** {message}" if message else ""
