@@ -160,3 +160,71 @@ def test_init_model_cli_for_every_architecture(tmp_path, capsys):
         assert tokenizer.chat_template
     assert main(["init-model", "--arch", "gpt2", "--out", str(tmp_path / "x")]) == 2
     assert "choose one of llama, mistral, qwen2, gemma3, bloom" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- startup checks (what the web page's Check runs)
+
+
+def startup_config(out: Path, **train):
+    return validate_config({"model": {"name_or_path": "no-model-is-loaded"}, "data": {"train": [{"path": "rows.jsonl"}]},
+                            "train": {"output_dir": str(out), **train}})
+
+
+def test_startup_checks_refuse_a_folder_that_is_not_empty(tmp_path):
+    from vitune.errors import UserError
+    from vitune.train.preflight import startup_checks
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(UserError) as refused:
+        startup_checks(startup_config(out))
+    assert str(refused.value) == (f"train.output_dir {out} already exists and is not empty; choose another folder "
+                                  "or set train.overwrite: true (e.g. --set train.overwrite=true)")
+    with pytest.raises(UserError) as refused:  # train.resume: auto, but nothing to resume from
+        startup_checks(startup_config(out, resume="auto"))
+    assert str(refused.value) == (f"train.output_dir {out} already exists and is not empty and holds no complete "
+                                  "checkpoint to resume from; choose another folder or set train.overwrite: true "
+                                  "(e.g. --set train.overwrite=true)")
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_startup_checks_accept_overwrite_and_a_folder_left_by_a_failed_start(tmp_path):
+    from vitune.train.arguments import ScaleOut
+    from vitune.train.preflight import Startup, startup_checks
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert startup_checks(startup_config(out, overwrite=True)) == Startup(resume_from=None, scale_out=ScaleOut({}))
+    assert (out / "keep.txt").read_text() == "mine"  # checked, not replaced: only a start replaces it
+    (out / "keep.txt").unlink()
+    (out / "progress.json").write_text('{"phase": "loading model"}')  # a start killed while loading the model
+    assert startup_checks(startup_config(out)) == Startup(resume_from=None, scale_out=ScaleOut({}))
+
+
+def test_startup_checks_find_the_checkpoint_to_resume_from(tmp_path):
+    from vitune.train.checkpoint import MARKER
+    from vitune.train.preflight import startup_checks
+
+    out = tmp_path / "run"
+    for step in (2, 4):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / MARKER).write_text("{}")
+    (out / "checkpoint-6").mkdir()  # no marker: a save cut short
+    assert startup_checks(startup_config(out, resume="auto")).resume_from == out / "checkpoint-4"
+
+
+def test_startup_checks_refuse_a_missing_deepspeed_file_and_a_missing_adapter(tmp_path):
+    from vitune.errors import UserError
+    from vitune.train.preflight import startup_checks
+
+    with pytest.raises(UserError) as refused:
+        startup_checks(startup_config(tmp_path / "a", deepspeed="nope.json"))
+    assert str(refused.value) == "train.deepspeed = nope.json: file not found (see examples/deepspeed/)"
+    config = startup_config(tmp_path / "b")
+    config.model.adapter = str(tmp_path / "no-adapter")
+    with pytest.raises(UserError) as refused:  # the stage's own rule (stage.check)
+        startup_checks(config)
+    assert str(refused.value) == (f"model.adapter = {tmp_path / 'no-adapter'}: folder not found (give a LoRA run "
+                                  "folder such as runs/my-sft)")

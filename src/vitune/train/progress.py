@@ -14,6 +14,14 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+PROGRESS = "progress.json"
+
+
+def holds_no_run(folder: Path) -> bool:
+    """True for a folder that is empty or holds only progress.json (and its temporary file): a start
+    that failed before it wrote anything else, which the next start may use as an empty folder."""
+    return all(p.name in (PROGRESS, PROGRESS + ".tmp") for p in folder.iterdir())
+
 
 class ProgressFile(TrainerCallback):
     def __init__(self, path: Path, every_s: float = 1.0):

@@ -43,16 +43,15 @@ from transformers.trainer_callback import PrinterCallback
 from vitune.config import RunConfig, dump_config
 from vitune.data.cache import cache_key
 from vitune.data.templates import resolve_template
-from vitune.errors import UserError
 from vitune.models.architecture import load_model_config
 from vitune.models.attention import packed_attention
 from vitune.models.loading import load_tokenizer
 from vitune.models.optimizers import resolve_optimizer
-from vitune.train.arguments import SpeedPlan, plan_speed, resolve_scale_out
-from vitune.train.checkpoint import (StopOnSignal, check_fingerprint, checkpoint_step, final_save,
-                                     find_resume_checkpoint, fingerprint)
+from vitune.train.arguments import SpeedPlan, plan_speed
+from vitune.train.checkpoint import StopOnSignal, check_fingerprint, checkpoint_step, final_save, fingerprint
 from vitune.train.evaluation import TrainingEvaluation, prepare_evaluation
 from vitune.train.guidance import advise, check_max_length
+from vitune.train.preflight import startup_checks
 from vitune.train.progress import ProgressFile
 from vitune.train.run_lock import output_dir_lock
 from vitune.train.sharding import ShardingReport, gather_full_weights, process_state, save_final_model
@@ -83,33 +82,17 @@ class RunInterrupted(Exception):
         )
 
 
-def check_output_dir(path: Path, overwrite: bool, resuming: bool = False) -> None:
-    if path.exists() and not path.is_dir():
-        raise UserError(f"train.output_dir {path} is a file; choose a folder")
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            extra = " and holds no complete checkpoint to resume from" if resuming else ""
-            raise UserError(
-                f"train.output_dir {path} already exists and is not empty{extra}; choose another folder "
-                "or set train.overwrite: true (e.g. --set train.overwrite=true)"
-            )
-
-
 # ---------------------------------------------------------------- before the model: config, tokenizer, data
 
 
 def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
     """Check the output folder, load the tokenizer, prepare (or reuse) the stage's data, print the
     data counts and the guidance. Raises UserError for anything wrong with the user's input."""
+    # the output folder, train.resume, train.deepspeed / fsdp and the stage's rules: the web page's Check runs them too
+    startup = startup_checks(config)
+    resume_from, scale_out = startup.resume_from, startup.scale_out
     stage = stage_for(config)
     state = process_state()  # one process, or one rank of `accelerate launch`
-    out = Path(config.train.output_dir)
-    resume_from = find_resume_checkpoint(out, config.train.resume, config.model.allow_pickle)
-    if resume_from is None:
-        check_output_dir(out, config.train.overwrite, resuming=config.train.resume == "auto")
-
-    scale_out = resolve_scale_out(config)  # a missing or wrong train.deepspeed / train.fsdp file fails here, before the data
-    stage.check(config)  # what the stage needs of the rest of the config (its sections, model.adapter, ...)
     # The tokenizer and template come first: the data is rendered and tokenised with them.
     tokenizer = load_tokenizer(config.model.name_or_path, config.model.trust_remote_code)
     # pt renders no conversations: no template (the tokenizer's own chat template is kept as it is)
