@@ -18,11 +18,13 @@ Liger kernels, activation checkpointing) is decided once, when the model is load
 With an `eval:` section, vitune eval's tasks score the model while it trains (train/evaluation.py):
 their files are read and checked with the data, and their figures go into metrics.jsonl and the summary.
 
-The run folder holds config.yaml (resolved), data_report.json, metrics.jsonl, tensorboard/, then
-at the end the adapter (or full model), the tokenizer with the chat template used in training,
-and summary.json. summary.json is written last: a folder without it is an unfinished run.
-Everything that can fail on the user's input (config, paths, data) fails before the run folder
-is created.
+The run folder holds config.yaml (resolved), data_report.json, metrics.jsonl, progress.json,
+tensorboard/, then at the end the adapter (or full model), the tokenizer with the chat template
+used in training, and summary.json. summary.json is written last: a folder without it is an
+unfinished run. Everything that can fail on the user's input (config, paths, data) fails before
+the run folder is created. Only progress.json comes earlier, once the start-up checks
+(train/preflight.py) have passed, so a watcher sees the data being prepared and the model
+loading; a start that fails takes it away again (train/progress.py says how).
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ from vitune.train.arguments import SpeedPlan, plan_speed
 from vitune.train.checkpoint import StopOnSignal, check_fingerprint, checkpoint_step, final_save, fingerprint
 from vitune.train.evaluation import TrainingEvaluation, prepare_evaluation
 from vitune.train.guidance import advise, check_max_length
-from vitune.train.preflight import startup_checks
-from vitune.train.progress import ProgressFile
+from vitune.train.preflight import Startup, startup_checks
+from vitune.train.progress import PROGRESS, ProgressFile
 from vitune.train.run_lock import output_dir_lock
 from vitune.train.sharding import ShardingReport, gather_full_weights, process_state, save_final_model
 from vitune.train.stage import PreparedRun
@@ -85,11 +87,12 @@ class RunInterrupted(Exception):
 # ---------------------------------------------------------------- before the model: config, tokenizer, data
 
 
-def prepare_run(config: RunConfig, console: Console) -> PreparedRun:
+def prepare_run(config: RunConfig, console: Console, startup: Startup | None = None) -> PreparedRun:
     """Check the output folder, load the tokenizer, prepare (or reuse) the stage's data, print the
-    data counts and the guidance. Raises UserError for anything wrong with the user's input."""
+    data counts and the guidance. Raises UserError for anything wrong with the user's input.
+    `startup`: what `startup_checks(config)` returned, where the caller ran them (None: run them here)."""
     # the output folder, train.resume, train.deepspeed / fsdp and the stage's rules: the web page's Check runs them too
-    startup = startup_checks(config)
+    startup = startup or startup_checks(config)
     resume_from, scale_out = startup.resume_from, startup.scale_out
     stage = stage_for(config)
     state = process_state()  # one process, or one rank of `accelerate launch`
@@ -145,9 +148,23 @@ def run_training(config: RunConfig, console: Console | None = None) -> TrainResu
 def _run(config: RunConfig, console: Console) -> TrainResult:
     state = process_state()
     out = Path(config.train.output_dir)
-    run = prepare_run(config, console)
+    startup = startup_checks(config)  # before anything is written, progress.json included
+    progress = ProgressFile(out / PROGRESS, enabled=state.is_main_process)
+    try:
+        return _train(config, console, startup, progress)
+    except BaseException as exc:
+        progress.failed(exc)  # before the run folder: the start undone; after it: written as the end
+        raise
+
+
+def _train(config: RunConfig, console: Console, startup: Startup, progress: ProgressFile) -> TrainResult:
+    state = process_state()
+    out = Path(config.train.output_dir)
+    progress.start("preparing data")  # the one file written before the run folder (train/progress.py)
+    run = prepare_run(config, console, startup)
     stage, tokenizer, template, report = run.stage, run.tokenizer, run.template, run.report
 
+    progress.phase("loading model")
     set_seed(config.train.seed)  # LoRA initialisation and dropout follow the seed
     model = stage.load_model(config, tokenizer)
     plan = plan_speed(config, model, stage)
@@ -163,10 +180,11 @@ def _run(config: RunConfig, console: Console) -> TrainResult:
         (out / "config.yaml").write_text(run.config_yaml, encoding="utf-8")
         if not stage.report_after_training(config):
             write_data_report(out, report)
+    progress.run_folder_made()
     state.wait_for_everyone()
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
-    trainer, summary = fit(config, model, run, out, plan, console)
+    trainer, summary = fit(config, model, run, out, plan, console, progress)
     if summary.get("stopped_by"):
         raise RunInterrupted(summary["stopped_by"], out, trainer.state.global_step)
     full_weights = gather_full_weights(trainer)  # FSDP: every rank joins the gather; None otherwise
@@ -188,6 +206,7 @@ def _run(config: RunConfig, console: Console) -> TrainResult:
         summary["stage"] = config.train.stage
         summary["template"] = template.name if template else None
         (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    progress.end("finished")
     return TrainResult(out, summary, report, trainer.model)
 
 
@@ -205,13 +224,16 @@ def write_data_report(out: Path, report, extras: dict | None = None) -> None:
 # ---------------------------------------------------------------- training
 
 
-def fit(config: RunConfig, model, run: PreparedRun, out: Path, plan: SpeedPlan, console: Console):
+def fit(config: RunConfig, model, run: PreparedRun, out: Path, plan: SpeedPlan, console: Console,
+        progress: ProgressFile | None = None):
     """Train `model` on the prepared run's rows (packed or padded, as planned) -> (trainer, summary).
 
-    Writes metrics.jsonl, progress.json (and tensorboard) into `out`; saves nothing else.
+    Writes metrics.jsonl, progress.json (and tensorboard) into `out`; saves nothing else; leaves
+    progress.json at the phase "saving" (or "stopped"). `progress`: the run's (None: a new one).
     Benchmarks call this directly with a model built in memory and a PreparedRun of their rows.
     """
     stage = run.stage
+    progress = progress or ProgressFile(out / PROGRESS, enabled=process_state().is_main_process)
     batches = stage.batches(config, plan, run.train_rows, run.eval_rows, run.pad_id, console)
     resume_step = checkpoint_step(run.resume_from) if run.resume_from else None
     metrics = MetricsFile(out / "metrics.jsonl", resume_step=resume_step, keys=stage.metrics_of(config))
@@ -226,7 +248,7 @@ def fit(config: RunConfig, model, run: PreparedRun, out: Path, plan: SpeedPlan, 
         data_collator=batches.collator,
         processing_class=run.tokenizer,
         callbacks=[metrics, RichProgress(console, stage.progress_fields), stop, ShardingReport(out),
-                   ProgressFile(out / "progress.json")],
+                   progress],
         checkpoint_marker=(run.fingerprint, run.config_yaml) if run.fingerprint else None,
     )
     trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts
@@ -243,11 +265,15 @@ def fit(config: RunConfig, model, run: PreparedRun, out: Path, plan: SpeedPlan, 
     seconds = time.perf_counter() - started - metrics.eval_seconds - trainer.seconds_not_training
     if batches.eval and not stop.received and (not metrics.evals or metrics.evals[-1][0] != trainer.state.global_step):
         # eval_strategy "epoch" misses the end of a run cut short by max_steps; the end is what counts
+        progress.phase("measuring held-out loss")
         with packed_attention(model) if packed else nullcontext():
             trainer.evaluate()
     summary = summarize(trainer, metrics, stage, config, batches.fill, plan, seconds)
     if stop.received:
         summary["stopped_by"] = stop.received
+        progress.end("stopped")
+    else:
+        progress.phase("saving")
     return trainer, summary
 
 
