@@ -33,6 +33,7 @@ from vitune.export.gguf_vocab import gguf_vocab
 from vitune.export.merge import merge_run
 from vitune.models.gguf import is_gguf
 from vitune.models.loading import damaged_files
+from vitune.models.permissions import umask_modes
 
 # --quant -> the ggml type of the 2-D weights; 1-D weights (norms, biases) stay float32
 PLAIN_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -89,6 +90,7 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16", force: 
                 report["quant"] = quant
             else:
                 report = write_gguf(folder, partial, quant, name or source.name)
+            umask_modes(partial)  # whatever wrote it (gguf, llama-quantize), the umask decides who reads it
             os.replace(partial, out)
         except (UserError, KeyboardInterrupt):
             raise

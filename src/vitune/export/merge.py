@@ -28,6 +28,7 @@ from vitune.config import load_run_config, makes_reward_model
 from vitune.data.templates import TemplateRefused, resolve_template, stop_token_ids
 from vitune.errors import ConfigError, UserError
 from vitune.models.loading import check_adapter_base, load_model, load_tokenizer
+from vitune.models.permissions import umask_modes
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -103,6 +104,7 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", qlora_base:
             "template": template.name if template else None,
         }
         (partial / "vitune_merge.json").write_text(json.dumps(done, indent=2), encoding="utf-8")
+        umask_modes(partial)  # mkdtemp's 0700 and safetensors' 0600 would keep other accounts out
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         partial.rename(out)

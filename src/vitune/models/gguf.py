@@ -25,6 +25,7 @@ from pathlib import Path
 
 from vitune.config import cache_home, file_sha256
 from vitune.errors import UserError
+from vitune.models.permissions import umask_modes
 
 MAGIC = b"GGUF"
 MARKER = "vitune_gguf.json"  # written last: says which file the folder was converted from
@@ -95,6 +96,7 @@ def convert_gguf(path: Path, out: Path, digest: str | None = None) -> Path:
         (partial / MARKER).write_text(json.dumps(
             {"source": str(path.resolve()), "sha256": digest or file_sha256(path), "architecture": architecture}, indent=2),
             encoding="utf-8")
+        umask_modes(partial)  # safetensors writes 0600: a shared cache must be readable by the others
         try:
             partial.rename(out)
         except OSError:

@@ -32,6 +32,7 @@ from vitune.data.normalize import normalize_text
 from vitune.data.sources import read_rows
 from vitune.errors import ConfigError, DataError, UserError
 from vitune.models.loading import load_pretrained, load_tokenizer
+from vitune.models.permissions import umask_modes
 
 MAX_VOCAB = 2**31 - 1  # token ids are int32 in tokenizers' output, ONNX and many kernels
 SUPPORTED = ("BPE tokenizers in tokenizer.json: SentencePiece-style with '▁' (Llama-2, Mistral) "
@@ -476,6 +477,7 @@ def extend_vocabulary(model: str, corpus: list[str], new_tokens: int, out: str |
 
         Tokenizer.from_str(json.dumps(new_spec)).save(str(partial / "tokenizer.json"))
         (partial / "vocab_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        umask_modes(partial)  # mkdtemp's 0700 and safetensors' 0600 would keep other accounts out
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(partial, out)  # nothing half-written ever sits at `out`

@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from vitune.models.permissions import umask_modes
+
 SHARDING = "sharding.json"
 
 
@@ -129,6 +131,7 @@ def save_final_model(trainer, out: Path, full_weights: dict | None) -> None:
         trainer.save_model(str(out))
     else:
         trainer._save(str(out), state_dict=full_weights)  # Trainer's writer, given the gathered weights
+    umask_modes(out)  # safetensors writes 0600, here and in the checkpoints: let the umask decide
 
 
 def process_state():
