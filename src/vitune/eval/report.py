@@ -1,16 +1,23 @@
 """What `vitune eval` shows and keeps: a rich table of one result (model beside its base, and the
-difference), eval.json written whole or not at all, and `--compare A B` of two saved results."""
+difference), every result of a folder kept (evals/<UTC time>-<files>.json, eval.json a copy of the
+latest), each file written whole or not at all, and `--compare A B` of two saved results."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
 from rich.markup import escape
 
 from vitune.errors import DISK_ERRNOS, DiskError, UserError
+
+LATEST = "eval.json"  # a folder's latest result, where readers of one result look
+HISTORY = "evals"  # every result of a folder, one file each
+STAMP = "%Y%m%d-%H%M%S"  # UTC, so that names sort by time
 
 # the headline figures of each task, in table order; True = higher is better
 HEADLINES = {
@@ -96,29 +103,127 @@ def compare(a: dict, b: dict, console) -> None:
 
 
 def default_out(target: str) -> Path:
-    """eval.json in the target's folder when it is a local folder, else in the working directory."""
+    """The folder a result is kept in: TARGET's own folder when it is a local folder, else the working directory."""
     folder = Path(target)
-    return folder / "eval.json" if folder.is_dir() else Path("eval.json")
+    return folder if folder.is_dir() else Path(".")
 
 
-def save(result: dict, out: Path) -> Path:
-    """Write eval.json under a temporary name, then rename: a half-written file never exists."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}")
+def save(result: dict, out: Path, replace: bool = False) -> Path:
+    """Keep `result` and return the file it is in.
+
+    `out` a folder: the result joins the folder's history as evals/<UTC time>-<file stems>.json and
+    eval.json becomes a copy of it (an eval.json that is in no history file is kept there first).
+    `out` a file: written there; one that exists already is refused unless `replace`.
+    Every file is written under a temporary name, then renamed: a half-written one never exists."""
+    if out.is_dir():
+        _keep_latest(out)
+        kept = _write(_dump(result), out / HISTORY, _history_name(result))
+        _write(_dump(result), out, LATEST, replace=True)
+        return kept
+    check_out(out, replace)
+    return _write(_dump(result), out.parent, out.name, replace=replace)
+
+
+def check_out(out: Path, replace: bool = False) -> None:
+    """Refuse a result file that exists already: a result vitune did not just write is not replaced
+    unless asked (a folder is fine: its results are all kept)."""
+    if out.exists() and not out.is_dir() and not replace:
+        raise UserError(f"--out {out} exists already (an earlier result?); give another file name, "
+                        "or add --force to replace it")
+
+
+def history(folder: Path) -> list[Path]:
+    """Every result kept in `folder`, newest first: its evals/ files, and an eval.json that is a copy
+    of none of them (one written before vitune kept a history, or by hand)."""
+    kept = sorted(Path(folder, HISTORY).glob("*.json"), key=_stamp, reverse=True)
+    latest = Path(folder, LATEST)
+    if latest.is_file() and not any(_same(latest, k) for k in kept):
+        kept = sorted([*kept, latest], key=_stamp, reverse=True)
+    return kept
+
+
+def _keep_latest(folder: Path) -> None:
+    """Copy the folder's eval.json into its history when it is not there yet, before it is replaced."""
+    latest = folder / LATEST
+    if latest in history(folder):
+        text = latest.read_text(encoding="utf-8")
+        try:
+            stems = _stems(json.loads(text))
+        except ValueError:
+            stems = "eval"
+        _write(text, folder / HISTORY, f"{time.strftime(STAMP, time.gmtime(latest.stat().st_mtime))}-{stems}.json")
+
+
+def _history_name(result: dict) -> str:
+    return f"{time.strftime(STAMP, time.gmtime())}-{_stems(result)}.json"
+
+
+def _stems(result) -> str:
+    files = result.get("files") if isinstance(result, dict) else None
+    stems = "+".join(Path(str(f.get("path", "?"))).stem for f in files or [] if isinstance(f, dict))
+    return stems[:120] or "eval"  # a name stays well under the file systems' 255 bytes
+
+
+def _stamp(path: Path) -> tuple[str, int]:
+    """When a result was kept: the time its history name starts with, else its file's time."""
+    mtime = path.stat().st_mtime_ns
+    name = path.name[:len("YYYYmmdd-HHMMSS")]
     try:
-        partial.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(partial, out)
+        time.strptime(name, STAMP)
+    except ValueError:
+        name = time.strftime(STAMP, time.gmtime(mtime / 1e9))
+    return name, mtime
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+
+
+def _dump(result: dict) -> str:
+    return json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+
+
+def _write(text: str, folder: Path, name: str, replace: bool = False) -> Path:
+    """`text` as folder/name, written under a temporary name, then renamed. replace=False: a name
+    that is taken gets -2, -3, ... before .json (two results in the same second keep both)."""
+    out = folder / name
+    partial = folder / f".{name}.partial-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial.write_text(text, encoding="utf-8")
+        if replace:
+            os.replace(partial, out)
+            return out
+        for n in itertools.count(2):
+            if _claim(partial, out):
+                return out
+            out = folder / f"{Path(name).stem}-{n}.json"
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         if exc.errno in DISK_ERRNOS:
             raise DiskError(f"cannot write {out}: {exc.strerror}; free some space and run again") from None
         raise UserError(f"cannot write {out}: {exc.strerror or exc}") from None
-    return out
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _claim(partial: Path, out: Path) -> bool:
+    """Give `partial` the name `out` unless that name is taken (a rename would replace it)."""
+    try:
+        os.link(partial, out)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a file system without hard links (FAT, some network shares)
+        if out.exists():
+            return False
+        os.replace(partial, out)
+        return True
 
 
 def load(path: str) -> dict:
-    """A saved result: an eval.json, or a folder holding one."""
-    file = Path(path) / "eval.json" if Path(path).is_dir() else Path(path)
+    """A saved result: a file (an eval.json, a file of evals/), or a folder's latest."""
+    folder = Path(path) if Path(path).is_dir() else None
+    file = (history(folder) or [folder / LATEST])[0] if folder else Path(path)
     if not file.is_file():
         raise UserError(f"--compare {path}: no eval.json there; run vitune eval on it first")
     try:

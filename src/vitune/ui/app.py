@@ -217,7 +217,8 @@ class Ui:
                 raise UserError("give at least one evaluation file")
             result = evaluate(target, paths, base="auto" if with_base else "none", generate=bool(generate),
                               limit=int(limit) or None, batch_size=8, max_new_tokens=64)
-            out = report.save(result, report.default_out(target))
+            report.save(result, report.default_out(target))  # kept in evals/ too: the Runs tab lists each
+            out = report.default_out(target) / report.LATEST
         except Exception as exc:
             return None, error_md(one_line(exc), lang)
         model, base = report.rows_of(result, "model"), report.rows_of(result, "base")

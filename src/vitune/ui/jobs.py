@@ -154,19 +154,21 @@ def run_summary(run: Path) -> dict:
 
 
 def eval_results(run: Path) -> list[dict]:
-    """The figures of the run's eval.json (vitune eval's default output), one row each."""
+    """The figures of every evaluation the run keeps (vitune eval's evals/, newest first), one row
+    each; "evaluation" names it: its UTC time and files (evals/<time>-<files>.json), or eval.json."""
     from vitune.eval import report
 
-    path = run / "eval.json"
-    if not path.is_file():
-        return []
-    try:
-        result = report.load(str(path))
-    except UserError:
-        return []
-    model, base = report.rows_of(result, "model"), report.rows_of(result, "base")
-    return [{"run": run.name, "file": f, "metric": m, "model": round(v, 4),
-             "base": round(base[(f, m)], 4) if (f, m) in base else None} for (f, m), v in model.items()]
+    rows = []
+    for path in report.history(run):
+        try:
+            result = report.load(str(path))
+        except UserError:
+            continue
+        name = path.stem if path.parent.name == report.HISTORY else path.name
+        model, base = report.rows_of(result, "model"), report.rows_of(result, "base")
+        rows += [{"run": run.name, "evaluation": name, "file": f, "metric": m, "model": round(v, 4),
+                  "base": round(base[(f, m)], 4) if (f, m) in base else None} for (f, m), v in model.items()]
+    return rows
 
 
 def _round(value, digits: int = 4):
