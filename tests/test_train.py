@@ -228,3 +228,38 @@ def test_startup_checks_refuse_a_missing_deepspeed_file_and_a_missing_adapter(tm
         startup_checks(config)
     assert str(refused.value) == (f"model.adapter = {tmp_path / 'no-adapter'}: folder not found (give a LoRA run "
                                   "folder such as runs/my-sft)")
+
+
+# ---------------------------------------------------------------- which steps are logged
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [m["step"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def short_run(model: Path, out: Path, **train):
+    return validate_config({
+        "model": {"name_or_path": str(model)}, "method": {"type": "lora"},
+        "data": {"train": [{"path": str(ALPACA), "max_samples": 8}], "max_length": 64, "packing": False},
+        "train": {"micro_batch_size": 1, "output_dir": str(out), "report_to": ["none"], **train},
+    })
+
+
+@pytest.mark.parametrize("max_steps, logging_steps, steps", [
+    (3, 5, [1, 3]),  # the first and the last, though the cadence reaches neither
+    (6, 1, [1, 2, 3, 4, 5, 6]),  # each once: the last step is not logged twice
+])
+def test_the_first_and_the_last_step_are_always_logged(tiny_models, tmp_path, max_steps, logging_steps, steps):
+    out = tmp_path / "run"
+    result = run_training(short_run(tiny_models["llama"], out, max_steps=max_steps, logging_steps=logging_steps), None)
+    assert logged_steps(out) == steps
+    assert result.summary["first_loss"] != result.summary["final_loss"]
+
+
+def test_unset_logging_steps_logs_about_20_points_at_most_10_steps_apart(tiny_models, tmp_path):
+    from vitune.train.trainer import logging_every
+
+    assert [logging_every(n) for n in (3, 6, 39, 40, 100, 200, 5000)] == [1, 1, 1, 2, 5, 10, 10]
+    out = tmp_path / "run"
+    run_training(short_run(tiny_models["llama"], out, max_steps=45), None)  # 45 // 20: every 2nd step
+    assert logged_steps(out) == [1, *range(2, 45, 2), 45]

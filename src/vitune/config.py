@@ -243,7 +243,12 @@ class TrainConfig(Section):
     save_steps: Optional[int] = Field(None, gt=0)
     save_total_limit: Optional[int] = Field(None, gt=0)
     eval_steps: Optional[int] = Field(None, gt=0)
-    logging_steps: int = Field(10, gt=0)
+    logging_steps: Optional[int] = Field(
+        None, gt=0,
+        description="Log the loss (metrics.jsonl, progress bar, tensorboard) every this many optimizer steps. Unset: "
+        "about 20 points per run, at most every 10 steps (a 6-step run logs every step, a 100-step run every 5th). "
+        "The first and the last step are always logged.",
+    )
     resume: Union[bool, str] = Field(
         False,
         description="false = start fresh; auto = the newest complete checkpoint in output_dir (fresh if none); "

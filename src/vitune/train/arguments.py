@@ -153,7 +153,8 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
         tf32=use_tf32(),
         seed=t.seed,
         data_seed=t.seed,
-        logging_steps=t.logging_steps,
+        # unset: the run's LoggingSchedule (train/trainer.py) sets the cadence once its steps are known
+        logging_steps=t.logging_steps or 10,
         logging_first_step=True,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,

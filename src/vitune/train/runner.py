@@ -60,7 +60,7 @@ from vitune.train.sharding import ShardingReport, gather_full_weights, process_s
 from vitune.train.stage import PreparedRun
 from vitune.train.stages import stage_for
 from vitune.train.telemetry import peak_memory_gib
-from vitune.train.trainer import MetricsFile, RichProgress
+from vitune.train.trainer import LoggingSchedule, MetricsFile, RichProgress
 
 SUMMARY = "summary.json"
 
@@ -247,8 +247,8 @@ def fit(config: RunConfig, model, run: PreparedRun, out: Path, plan: SpeedPlan, 
         eval_dataset=batches.eval or None,
         data_collator=batches.collator,
         processing_class=run.tokenizer,
-        callbacks=[metrics, RichProgress(console, stage.progress_fields), stop, ShardingReport(out),
-                   progress],
+        callbacks=[LoggingSchedule(config.train.logging_steps), metrics, RichProgress(console, stage.progress_fields),
+                   stop, ShardingReport(out), progress],
         checkpoint_marker=(run.fingerprint, run.config_yaml) if run.fingerprint else None,
     )
     trainer.remove_callback(PrinterCallback)  # the rich progress bar replaces printed dicts

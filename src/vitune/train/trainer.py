@@ -250,6 +250,30 @@ class _NothingLeftToTrain(TrainerCallback):
             raise _AtLastStep
 
 
+def logging_every(max_steps: int) -> int:
+    """The logging cadence of a run whose train.logging_steps is unset: about 20 logged steps, at most
+    10 steps apart (6 steps: every step; 100: every 5th; 1,000: every 10th)."""
+    return max(1, min(10, max_steps // 20))
+
+
+class LoggingSchedule(TrainerCallback):
+    """Which optimizer steps are logged (to metrics.jsonl, the progress bar, tensorboard): every
+    train.logging_steps (unset: `logging_every` of the run's steps), and always the first
+    (TrainingArguments.logging_first_step) and the last, so that even a 3-step run has a loss
+    at both ends. A step is logged once, whichever rule asks for it."""
+
+    def __init__(self, every: int | None):
+        self.every = every
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.every is None:  # the run's steps are known only now (epochs x batches, or train.max_steps)
+            state.logging_steps = logging_every(state.max_steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 class MetricsFile(TrainerCallback):
     """One JSON object per logged step in metrics.jsonl (rank 0 only): the fixed KEYS, a stage's own
     keys, and the figures of evaluations while training (eval/<file>/<figure>, in lines of their own)."""
