@@ -4,6 +4,7 @@ what PyTorch, PEFT and bitsandbytes really allocate, and the command's JSON and 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,8 +12,12 @@ import torch
 from vitune.cli import main
 from vitune.config import validate_config
 from vitune.errors import UserError
+from vitune.models import estimate as estimate_module
 from vitune.models.architecture import read_architecture
-from vitune.models.estimate import GIB, estimate, nf4_bytes, optimizer_bytes
+from vitune.models.estimate import (
+    CPU_SECONDS_PER_STEP, GIB, CpuRates, cpu_probe, cpu_step_elements, estimate, flops_per_token, nf4_bytes,
+    optimizer_bytes, probe_shapes,
+)
 
 from conftest import write_config
 
@@ -165,8 +170,131 @@ def test_checkpointing_and_context_length_move_memory_the_right_way():
 def test_unknown_device_and_architecture_are_user_errors():
     with pytest.raises(UserError, match=r"^--device 'V100' is not known; choose one of H100, H200"):
         estimate(run(), LLAMA3_8B, "V100")
-    with pytest.raises(UserError, match=r"model_type 'gpt2'"):
-        estimate(run(), {"model_type": "gpt2"})
+    with pytest.raises(UserError, match=r"^the model's config.json has model_type 'nope', which neither vitune estimate"):
+        estimate(run(), {"model_type": "nope"})
+    with pytest.raises(UserError, match=r"^vitune estimate cannot build a causal LM of model_type 't5'") as error:
+        estimate(run(), {"model_type": "t5"})
+    assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------- any architecture, from a meta model
+
+
+def meta_configs():
+    """Families no hand reader knows: their shapes come from the model built on the meta device."""
+    from transformers import FalconConfig, GPTNeoXConfig, GraniteConfig, Phi3Config, Qwen3Config
+
+    shape = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4, vocab_size=300)
+    return {
+        "phi3": Phi3Config(num_key_value_heads=2, pad_token_id=0, **shape),  # fused qkv_proj and gate_up_proj
+        "gpt_neox": GPTNeoXConfig(**shape),  # query_key_value with biases, embed_in / embed_out
+        "qwen3": Qwen3Config(num_key_value_heads=2, head_dim=16, **shape),  # a norm over each head's q and k
+        "granite": GraniteConfig(num_key_value_heads=2, **shape),
+        "falcon": FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=300),
+    }
+
+
+@pytest.mark.parametrize("name", ["phi3", "gpt_neox", "qwen3", "granite", "falcon"])
+def test_meta_model_counts_equal_a_real_model_and_its_peft_adapter(name):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = meta_configs()[name]
+    model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    assert estimate(run("full"), config).total_params == params
+    assert estimate(run("full"), config.to_dict()).total_params == params  # a config.json read as a dict
+    adapters = get_peft_model(model, LoraConfig(r=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    assert estimate(run("lora"), config).trainable_params == sum(p.numel() for p in adapters.parameters() if p.requires_grad)
+
+
+def test_meta_model_reads_the_linears_of_a_decoder_layer_and_which_share_an_input():
+    phi3 = read_architecture(meta_configs()["phi3"])
+    assert [(lin.name, lin.in_features, lin.out_features) for lin in phi3.linears] == [
+        ("o_proj", 64, 64), ("qkv_proj", 64, 128), ("gate_up_proj", 64, 344), ("down_proj", 172, 64)]
+    assert (phi3.total_params, phi3.tied, phi3.gated_mlp) == (129_344, False, True)
+    # Falcon's parallel attention: the MLP reads the same normed input as attention
+    falcon = read_architecture(meta_configs()["falcon"])
+    sources = {lin.name: lin.source for lin in falcon.linears}
+    assert sources["query_key_value"] == sources["dense_h_to_4h"] != sources["dense_4h_to_h"]
+    assert (falcon.total_params, falcon.tied, falcon.embed_name) == (105_600, True, "word_embeddings")
+
+
+def test_meta_model_and_hand_reader_agree_on_gemma3_270m():
+    from vitune.models.architecture import _meta_architecture
+
+    meta = _meta_architecture(json.dumps({**GEMMA3_270M}, sort_keys=True))
+    assert meta.total_params == read_architecture(GEMMA3_270M).total_params == 268_098_176
+
+
+# ---------------------------------------------------------------- speed
+
+
+SMALL = dict(model_type="llama", hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+
+
+def test_flops_of_one_token_through_forward_and_backward():
+    arch = read_architecture(SMALL)
+    # N = 2 layers x (q 64x64, k and v 64x32, o 64x64, gate, up and down 64x172) + lm_head 300x64 = 109,824
+    # A = 2 x 2 layers x 4 heads x 16 head_dim x 128 tokens = 32,768 when the masked half is skipped
+    full = 3 * (2 * 109_824 + 2 * 32_768)
+    assert flops_per_token(arch, 128, True, 0, skip_masked=False, checkpointing=False, head_recomputed=False) == full == 855_552
+    # the chunked loss recomputes a trained head's logits in the backward: one more 300 x 64 matmul
+    assert flops_per_token(arch, 128, True, 0, False, False, head_recomputed=True) == full + 2 * 19_200
+    # LoRA r=16 on every linear: 36,992 adapter weights; the frozen base has no weight gradients
+    assert flops_per_token(arch, 128, False, 36_992, True, False, False) == 4 * 109_824 + 3 * 32_768 + 6 * 36_992
+    # checkpointing repeats the decoder's forward (not the head's)
+    assert flops_per_token(arch, 128, False, 36_992, False, True, False) == (
+        4 * 109_824 + 3 * 65_536 + 6 * 36_992 + 2 * 90_624 + 65_536)
+
+
+def cpu_run(method: str):
+    return validate_config({
+        "model": {"name_or_path": "m", "dtype": "float32"}, "method": {"type": method},
+        "data": {"train": [{"path": "x.jsonl"}], "max_length": 128},
+        "train": {"micro_batch_size": 2, "gradient_checkpointing": False, "optimizer": "adamw_torch"},
+    })
+
+
+@pytest.mark.parametrize("method, trained, flops", [("lora", 36_992, 857_856), ("full", 129_344, 893_952)])
+def test_cpu_speed_from_a_given_probe_and_its_range(method, trained, flops, monkeypatch):
+    monkeypatch.setattr(estimate_module, "cpu_probe", lambda *a, **k: pytest.fail("the probe ran"))
+    rates = CpuRates(matmul_flops=50e9, element_seconds=1e-9)
+    e = estimate(cpu_run(method), SMALL, "CPU", cpu_rates=rates)
+    arch = read_architecture(SMALL)
+    targets = [] if method == "full" else list(arch.linears)
+    elements = cpu_step_elements(arch, 256, 128, targets, trained, softcapped=False, checkpointing=False)
+    # per token and layer 30 x 64 + 10 x 172 + 6 x 1,156 (LoRA) + 6 x 4 heads x 128; the loss 10 x 300 per token;
+    # the optimizer 20 per trained weight
+    per_layer = 30 * 64 + 10 * 172 + (6 * 1_156 if method == "lora" else 0) + 6 * 4 * 128
+    assert elements == 256 * (2 * per_layer + 10 * 300) + 20 * trained
+    seconds = 256 * flops / 50e9 + elements * 1e-9 + CPU_SECONDS_PER_STEP
+    assert e.flops_per_token == flops
+    assert e.predicted_tokens_per_s == pytest.approx(256 / seconds, rel=1e-12)
+    assert e.tokens_per_s_range == pytest.approx((256 / seconds / 1.3, 256 / seconds * 1.3), rel=1e-12)
+    assert (e.probe_flops, e.assumed_mfu) == (50e9, 0.0)
+    assert e.to_dict()["tokens_per_s_range"] == e.tokens_per_s_range
+    assert any(n.startswith("tokens/s from a probe of this machine: the run's matmuls in float32 at 50.0 GFLOP/s")
+               for n in e.notes)
+
+
+def test_cpu_probe_times_the_models_shapes_once_per_process():
+    shapes, rows = probe_shapes(read_architecture(SMALL), 256)
+    # the decoder's distinct linears with their uses per forward, and the head (300 < 4,096: all of it)
+    assert shapes == ((64, 64, 4), (64, 32, 4), (64, 172, 4), (172, 64, 2), (64, 300, 1)) and rows == 256
+    assert probe_shapes(read_architecture(LLAMA3_8B), 4096)[1] == 16  # a big model: fewer rows, a short probe
+    rates = cpu_probe(shapes, rows)
+    assert rates.matmul_flops > 1e6 and 0 < rates.element_seconds < 1e-6
+    assert cpu_probe(shapes, rows) is rates
+
+
+def test_gpu_range_spans_the_measured_mfu_and_the_host_floor():
+    e = estimate(run("lora", 4096), LLAMA3_8B, "H100")
+    low, high = e.tokens_per_s_range
+    assert low == pytest.approx(e.predicted_tokens_per_s * 0.29 / 0.33, rel=0.05) and high > e.predicted_tokens_per_s
+    host_bound = estimate(run("lora", 256), LLAMA3_8B, "H100")  # 256 tokens: the floor, whatever the MFU
+    assert host_bound.tokens_per_s_range == (host_bound.predicted_tokens_per_s,) * 2
 
 
 # ---------------------------------------------------------------- the command
@@ -197,7 +325,20 @@ def test_cli_table(tmp_path, capsys):
                         data={"train": [{"path": "x.jsonl"}]})
     assert main(["estimate", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "optimizer states" in out and "tokens/s" in out and "7,241,732,096" in out
+    assert "optimizer states" in out and "7,241,732,096" in out
+    assert re.search(r"predicted [\d,]+–[\d,]+ tokens/s\n", out)
+
+
+def test_cli_on_the_cpu_prints_the_range_and_the_probe(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(estimate_module, "cpu_probe", lambda *a, **k: CpuRates(50e9, 1e-9))
+    path = write_config(tmp_path / "run.yaml", model={"name_or_path": model_folder(tmp_path, SMALL), "dtype": "float32"},
+                        data={"train": [{"path": "x.jsonl"}], "max_length": 128},
+                        train={"micro_batch_size": 2, "gradient_checkpointing": False, "optimizer": "adamw_torch"})
+    assert main(["estimate", str(path), "--device", "CPU"]) == 0
+    expected = estimate(cpu_run("lora"), SMALL, "CPU", cpu_rates=CpuRates(50e9, 1e-9)).tokens_per_s_range
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"predicted {expected[0]:,.0f}–{expected[1]:,.0f} tokens/s (measured probe: 50.0 GFLOP/s)" in out
+    assert "tokens/s from a probe of this machine" in out
 
 
 def test_cli_missing_model_is_a_one_line_error(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""`vitune estimate CONFIG`: peak GPU memory and tokens/s of a run, from the model's config.json."""
+"""`vitune estimate CONFIG`: peak GPU memory and tokens/s of a run, from the model's config.json
+(on the CPU, tokens/s from a short probe of this machine's matmuls)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ PARTS = [
 @app.command(
     help=(
         "Predict the peak GPU memory and tokens/s of the run CONFIG describes, from the model's "
-        "config.json alone (no weights are downloaded).\n\n"
+        "config.json alone (no weights are downloaded). --device CPU times this machine's matmuls "
+        "for a fraction of a second instead of assuming a peak.\n\n"
         "Example: vitune estimate examples/quickstart.yaml --set model.name_or_path=meta-llama/Meta-Llama-3-8B "
         "--set method.type=qlora --device T4"
     )
@@ -71,8 +73,18 @@ def print_estimate(cfg, result, console: Console) -> None:
     console.print(table)
     console.print(
         f"trainable {result.trainable_params:,} of {result.total_params:,} parameters; "
-        f"{result.flops_per_token / 1e9:.1f} GFLOP per token; "
-        f"predicted [bold]{result.predicted_tokens_per_s:,.0f} tokens/s[/]"
+        f"{result.flops_per_token / 1e9:.2f} GFLOP per token; predicted {speed_text(result)}"
     )
     for note in result.notes:
         console.print(f"[dim]- {note}[/]")
+
+
+def speed_text(result) -> str:
+    """'20–35 tokens/s (measured probe: 61.2 GFLOP/s)' on the CPU, '5,300–6,600 tokens/s' on a GPU:
+    a range, never one number, because the middle is only as good as the assumptions under it."""
+    low, high = result.tokens_per_s_range
+    digits = 1 if high < 10 else 0
+    text = f"{low:,.{digits}f}–{high:,.{digits}f} tokens/s"
+    if result.probe_flops:
+        text += f" (measured probe: {result.probe_flops / 1e9:.1f} GFLOP/s)"
+    return text

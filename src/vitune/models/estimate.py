@@ -35,21 +35,36 @@ accumulating]) and (gradients + the optimizer's temporaries); with gradient chec
 the loss's buffers are freed before the first layer is recomputed, so only the larger of
 logits_loss and the recomputed layer counts. Measured against real steps: within 2.5%.
 
-Speed: tokens/s = device peak FLOP/s x MFU / FLOPs per token, where with N the weights of
-every matmul (decoder linears + lm_head) and A = 2 x layers x (heads x head_dim) x seq_len
-the forward attention FLOPs of a causal token (flash attention skips the masked half):
-full = 3 x (2N + A); LoRA/QLoRA = 2N (forward) + 2N (input gradients only, frozen base)
-+ 3A + 6 x lora_params; gradient checkpointing adds one forward of the decoder layers.
-QLoRA adds the time to dequantise every 4-bit weight for each matmul that uses it
-(2.5 bytes of memory traffic per weight, 2 or 3 uses per step) at the device's bandwidth
-(not measured yet). A step never takes less than the host's floor (HOST_SECONDS_PER_LAYER x
-layers): below ~2k tokens per micro-batch a 7-8B LoRA step is bound by Python and kernel
-launches, not by the GPU.
+Speed. FLOPs per token (`flops_per_token`), with N the weights of every matmul (decoder
+linears + lm_head) and A = 2 x layers x (heads x head_dim) x seq_len the forward attention of a
+causal token when the kernel skips the masked half (flash attention, SDPA on a GPU; twice that
+on the CPU): full = 3 x (2N + A); LoRA/QLoRA = 2N (forward) + 2N (input gradients only, frozen
+base) + 3A + 6 x lora_params; gradient checkpointing adds one forward of the decoder layers; a
+head that trains under the chunked loss computes its logits once more.
+
+- GPU: tokens/s = peak FLOP/s x MFU / FLOPs per token, MFU 0.33 (the range: 0.29-0.36, as
+  measured). QLoRA adds the time to dequantise every 4-bit weight for each matmul that uses it
+  (2.5 bytes of memory traffic per weight, 2 or 3 uses per step) at the device's bandwidth (not
+  measured yet). A step never takes less than the host's floor (HOST_SECONDS_PER_LAYER x layers):
+  below ~2k tokens per micro-batch a 7-8B LoRA step is bound by Python and kernel launches.
+- CPU: nothing is assumed about the machine. `cpu_probe` times the run's own matmul shapes
+  (forward, input gradient, and for full fine-tuning weight gradient, in the run's dtype, ~0.3 s,
+  once per process) and an elementwise op the size of a micro-batch's activations. A step =
+  its matmul FLOPs at the probed rate + the elements its elementwise ops touch (norms, rotary,
+  activations, attention scores, LoRA's adds, the log-softmax over the vocabulary, AdamW; counted
+  by `cpu_step_elements`) at the probed time per element + the Trainer's bookkeeping. The range
+  is +-30% around that: the probe sees the machine for a fraction of a second, the run for
+  minutes, and other processes come and go.
+
+This module is longer than most: memory and speed of a step are priced from the same shapes
+and read together by the CLI, the web page and `train --dry-run`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,6 +91,29 @@ LAYER_BACKWARD_FACTOR = 1.8
 # (method is LoRA/QLoRA, gradient checkpointing); measured on a sandboxed (gVisor) host,
 # a faster host has a lower floor.
 HOST_SECONDS_PER_LAYER = {(True, True): 10.8e-3, (True, False): 9.2e-3, (False, True): 8.6e-3, (False, False): 5.3e-3}
+# The MFU measured on the H200 (0.29-0.36) bounds a GPU's tokens/s range.
+MFU_RANGE = (0.29, 0.36)
+
+# CPU: no assumed peak. A probe times the run's own matmuls on this machine (cpu_probe), and the
+# rest of a step is priced in elements that elementwise ops read and write (norms, rotary,
+# activations, residual adds, softmax, the optimizer), at the probe's measured seconds per element.
+# Elements per token and decoder layer, forward + backward: x hidden, x intermediate, x each
+# LoRA adapter's (in + out), x attention scores (heads x seq; SDPA on the CPU does not skip the
+# masked half).
+CPU_ELEMENTS_PER_HIDDEN = 30
+CPU_ELEMENTS_PER_INTERMEDIATE = 10
+CPU_ELEMENTS_PER_ADAPTER = 6
+CPU_ELEMENTS_PER_SCORE = 6
+# The loss over the vocabulary: log-softmax, its gradient (+ Gemma's tanh softcapping), per logit.
+CPU_ELEMENTS_PER_LOGIT = 10
+CPU_ELEMENTS_PER_SOFTCAPPED_LOGIT = 16
+# AdamW (foreach), gradient clipping and accumulation, per trained parameter, read from memory.
+CPU_ELEMENTS_PER_TRAINED_PARAM = 20
+# The Trainer's own bookkeeping per optimizer step (callbacks, logging, the data loader), seconds.
+CPU_SECONDS_PER_STEP = 0.02
+# How far a CPU prediction may miss (the machine's load changes between the probe and the run):
+# the range is the middle / (1 + x) .. middle x (1 + x).
+CPU_UNCERTAINTY = 0.3
 
 
 # ---------------------------------------------------------------- devices
@@ -110,6 +148,116 @@ def get_device(name: str) -> Device:
     return DEVICES[key]
 
 
+# ---------------------------------------------------------------- the CPU probe
+
+
+@dataclass(frozen=True)
+class CpuRates:
+    """What the probe measured on this machine: the FLOP/s of the run's own matmuls, and the
+    seconds per element of an elementwise op on a tensor of one micro-batch's hidden states."""
+
+    matmul_flops: float
+    element_seconds: float
+
+
+# A probe's matmuls do at most this many FLOPs per pass over the model's shapes (~0.3 s in all on 2 cores).
+PROBE_FLOPS_PER_PASS = 1.5e9
+
+
+@functools.lru_cache(maxsize=8)
+def cpu_probe(
+    shapes: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1),), rows: int = 256, dtype: str = "float32",
+    weight_gradients: bool = False,
+) -> CpuRates:
+    """Time this machine's matmuls of `shapes` ((in, out, uses per forward), `rows` tokens) in
+    `dtype`, as a step runs them: forward, input gradient, and (full fine-tuning) weight gradient.
+    The rate is weighted by each shape's share of the model's FLOPs. Cached per process."""
+    import torch
+
+    torch_dtype = getattr(torch, dtype)
+    flops = seconds = 0.0
+    for n_in, n_out, uses in shapes:
+        x, w = torch.randn(rows, n_in, dtype=torch_dtype), torch.randn(n_out, n_in, dtype=torch_dtype)
+        g = torch.randn(rows, n_out, dtype=torch_dtype)
+        products = [lambda: x @ w.T, lambda: g @ w] + ([lambda: g.T @ x] if weight_gradients else [])
+        for product in products:
+            seconds += uses * _seconds_per_call(product)
+            flops += uses * 2 * rows * n_in * n_out
+    # elementwise: adds on a [rows, intermediate] tensor, the size of a step's MLP activations
+    width = max(n_out for _, n_out, _ in shapes[:-1] or shapes)
+    a, b = torch.randn(rows, width, dtype=torch_dtype), torch.randn(rows, width, dtype=torch_dtype)
+    return CpuRates(flops / seconds, _seconds_per_call(lambda: torch.add(a, b, out=a), 0.02) / (rows * width))
+
+
+def _seconds_per_call(call, at_least: float = 0.005) -> float:
+    """Mean seconds of `call` after a warm-up (allocation, thread start), over at least
+    `at_least` seconds: long enough to average over the scheduler's slices on a busy machine."""
+    call()
+    calls, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < at_least or calls < 2:
+        call()
+        calls += 1
+    return elapsed / calls
+
+
+def probe_shapes(arch: Architecture, tokens: int) -> tuple[tuple[tuple[int, int, int], ...], int]:
+    """(the distinct matmul shapes of a forward pass with their uses, rows) for cpu_probe: each
+    decoder linear, and last a slice of the LM head (4,096 of its vocabulary) that stands for all
+    of it. Rows shrink for big models so a probe stays under PROBE_FLOPS_PER_PASS."""
+    uses: dict[tuple[int, int], int] = {}
+    for lin in arch.linears:
+        uses[(lin.in_features, lin.out_features)] = uses.get((lin.in_features, lin.out_features), 0) + arch.layers
+    head_slice = min(arch.vocab, 4096)
+    per_row = 2 * (sum(n_in * n_out for n_in, n_out in uses) + arch.hidden * head_slice)
+    rows = max(16, min(tokens, 256, int(PROBE_FLOPS_PER_PASS / per_row)))
+    head = (arch.hidden, head_slice, math.ceil(arch.vocab / head_slice))
+    return tuple((n_in, n_out, n) for (n_in, n_out), n in uses.items()) + (head,), rows
+
+
+# ---------------------------------------------------------------- speed
+
+
+def flops_per_token(arch: Architecture, seq: int, full: bool, adapter_params: int, skip_masked: bool,
+                    checkpointing: bool, head_recomputed: bool) -> float:
+    """FLOPs of one token through forward and backward. N = the weights of every matmul (decoder
+    linears + lm_head); A = 2 x layers x heads x head_dim x seq, the attention of a causal token
+    when the kernel skips the masked half (flash attention, SDPA on a GPU), twice that otherwise.
+    Full: 3 x (2N + A) (forward, input and weight gradients). LoRA: 2N + 2N (input gradients
+    only: the base is frozen) + 3A + 6 per adapter weight. Checkpointing repeats the decoder's
+    forward; a trained head under the chunked loss computes its logits again in the backward."""
+    matmul = arch.layers * sum(lin.in_features * lin.out_features for lin in arch.linears) + arch.vocab * arch.hidden
+    attention = 2 * arch.layers * arch.heads * arch.head_dim * seq * (1 if skip_masked else 2)
+    forward = 2 * matmul + attention
+    flops = 3 * forward if full else 4 * matmul + 3 * attention + 6 * adapter_params
+    if checkpointing:
+        flops += forward - 2 * arch.vocab * arch.hidden
+    if head_recomputed:
+        flops += 2 * arch.vocab * arch.hidden
+    return flops
+
+
+def cpu_step_elements(arch: Architecture, tokens: int, seq: int, targets: list[Linear], trained_params: int,
+                      softcapped: bool, checkpointing: bool) -> float:
+    """Elements that the elementwise ops of one CPU step read and write (see CPU_ELEMENTS_*)."""
+    per_layer = (CPU_ELEMENTS_PER_HIDDEN * arch.hidden + CPU_ELEMENTS_PER_INTERMEDIATE * arch.intermediate
+                 + CPU_ELEMENTS_PER_ADAPTER * sum(lin.in_features + lin.out_features for lin in targets)
+                 + CPU_ELEMENTS_PER_SCORE * arch.heads * seq)
+    if checkpointing:  # the forward again: about a third of forward + backward
+        per_layer *= 4 / 3
+    logit = CPU_ELEMENTS_PER_SOFTCAPPED_LOGIT if softcapped else CPU_ELEMENTS_PER_LOGIT
+    return tokens * (arch.layers * per_layer + logit * arch.vocab) + CPU_ELEMENTS_PER_TRAINED_PARAM * trained_params
+
+
+def cpu_step_seconds(flops: float, elements: float, tokens: int, rates: CpuRates) -> float:
+    """One step on the CPU: its matmuls at the probe's FLOP/s, its elementwise work at the probe's
+    seconds per element, and the Trainer's bookkeeping."""
+    return tokens * flops / rates.matmul_flops + elements * rates.element_seconds + CPU_SECONDS_PER_STEP
+
+
+def cpu_range(middle: float) -> tuple[float, float]:
+    return middle / (1 + CPU_UNCERTAINTY), middle * (1 + CPU_UNCERTAINTY)
+
+
 # ---------------------------------------------------------------- the estimate
 
 
@@ -129,9 +277,11 @@ class Estimate:
     trainable_params: int
     total_params: int
     flops_per_token: float
-    predicted_tokens_per_s: float
+    predicted_tokens_per_s: float  # the middle of tokens_per_s_range
     device: str
-    assumed_mfu: float
+    assumed_mfu: float  # GPUs; 0 on the CPU, whose speed is measured by the probe
+    tokens_per_s_range: tuple[float, float] = (0.0, 0.0)
+    probe_flops: float = 0.0  # CPU: the matmul FLOP/s the probe measured at the model's shapes
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -167,6 +317,10 @@ def optimizer_bytes(name: str, shapes: list[tuple[int, ...]], param_bytes: int) 
 
 def model_config_type(model_config) -> str | None:
     return model_config.get("model_type") if isinstance(model_config, dict) else getattr(model_config, "model_type", None)
+
+
+def _config_value(model_config, key: str):
+    return model_config.get(key) if isinstance(model_config, dict) else getattr(model_config, key, None)
 
 
 def logits_bytes(model_type: str | None, arch: Architecture, tokens: int) -> int:
@@ -212,11 +366,12 @@ def layer_activation_bytes(
     return total
 
 
-def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> Estimate:
+def estimate(run_config: RunConfig, model_config: Any, device: str = "H100", cpu_rates: CpuRates | None = None) -> Estimate:
     """Predict peak memory (GiB, by part) and tokens/s of `run_config` on `device`.
 
     `model_config` is the model's `PretrainedConfig` or its config.json as a dict. The
-    formulas are in this module's docstring; assumptions land in `Estimate.notes`.
+    formulas are in this module's docstring; assumptions land in `Estimate.notes`. On the CPU
+    the speed comes from `cpu_rates`, measured by `cpu_probe` when not given (tests pass fixed ones).
     """
     arch = read_architecture(model_config)
     dev = get_device(device)
@@ -226,9 +381,9 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
         def fixed(value: bool) -> RunConfig:
             return run_config.model_copy(update={"train": train.model_copy(update={"gradient_checkpointing": value})})
 
-        result = estimate(fixed(False), model_config, device)
+        result = estimate(fixed(False), model_config, device, cpu_rates)
         if dev.cuda and result.total > dev.memory_gib * 0.9:
-            result = estimate(fixed(True), model_config, device)
+            result = estimate(fixed(True), model_config, device, cpu_rates)
             result.notes.append("gradient_checkpointing auto: estimated with every layer checkpointed; "
                                 "the run checkpoints only as many layers as it needs")
         return result
@@ -330,25 +485,44 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
         notes.append(f"does not fit: {peak / GIB:.1f} GiB > {dev.memory_gib} GB on {dev.name}")
 
     # ---- speed
-    matmul = linear_weights + arch.vocab * arch.hidden
-    attention = 2 * arch.layers * arch.heads * arch.head_dim * seq * (2 if eager else 1)
-    forward = 2 * matmul + attention
-    if full:
-        flops = 3 * forward
+    from vitune.models.chunked_loss import CHUNKED_ARCHITECTURES  # lazy: it imports torch
+
+    softcapped = bool(_config_value(model_config, "final_logit_softcapping"))
+    head_trains = full or any(name in (arch.embed_name, "lm_head") for name in saved_modules)
+    chunked = model_config_type(model_config) in CHUNKED_ARCHITECTURES
+    flops = flops_per_token(arch, seq, full, trainable, skip_masked=dev.cuda and not eager,
+                            checkpointing=bool(train.gradient_checkpointing), head_recomputed=chunked and head_trains)
+    if dev.cuda:
+        def tokens_per_s(mfu: float) -> float:
+            seconds = tokens * flops / (peak_flops * mfu)
+            if qlora:
+                seconds += (3 if train.gradient_checkpointing else 2) * 2.5 * linear_weights / dev.bandwidth
+            return tokens / max(seconds, floor)
+
+        floor = arch.layers * HOST_SECONDS_PER_LAYER[(not full, bool(train.gradient_checkpointing))]
+        middle, probed = tokens_per_s(ASSUMED_MFU), 0.0
+        speed_range = (tokens_per_s(MFU_RANGE[0]), tokens_per_s(MFU_RANGE[1]))
+        notes.append(f"tokens/s assumes {ASSUMED_MFU:.0%} of {dev.name}'s {peak_flops / 1e12:.0f} TFLOP/s peak "
+                     f"(the range: {MFU_RANGE[0]:.0%}-{MFU_RANGE[1]:.0%}, as measured on an H200)")
+        if floor > tokens * flops / (peak_flops * ASSUMED_MFU):
+            notes.append(
+                f"host-bound: a step takes at least {floor:.2f} s of Python and kernel launches; "
+                "more tokens per micro-batch would cost little extra time"
+            )
     else:
-        flops = 4 * matmul + 3 * attention + 6 * trainable
-    if train.gradient_checkpointing:
-        flops += forward - 2 * arch.vocab * arch.hidden
-    step_seconds = tokens * flops / (peak_flops * ASSUMED_MFU)
-    if qlora:
-        uses = 3 if train.gradient_checkpointing else 2
-        step_seconds += uses * 2.5 * linear_weights / dev.bandwidth
-    floor = arch.layers * HOST_SECONDS_PER_LAYER[(not full, train.gradient_checkpointing)] if dev.cuda else 0.0
-    notes.append(f"tokens/s assumes {ASSUMED_MFU:.0%} of {dev.name}'s {peak_flops / 1e12:.0f} TFLOP/s peak")
-    if floor > step_seconds:
+        if cpu_rates is None:
+            shapes, rows = probe_shapes(arch, tokens)
+            cpu_rates = cpu_probe(shapes, rows, dtype, weight_gradients=full)
+        trained = total_params if full else trainable + saved_params
+        elements = cpu_step_elements(arch, tokens, seq, targets, trained, softcapped, bool(train.gradient_checkpointing))
+        middle = tokens / cpu_step_seconds(flops, elements, tokens, cpu_rates)
+        speed_range, probed = cpu_range(middle), cpu_rates.matmul_flops
+        matmul_share = tokens * flops / cpu_rates.matmul_flops / (tokens / middle)
         notes.append(
-            f"host-bound: a step takes at least {floor:.2f} s of Python and kernel launches; "
-            "more tokens per micro-batch would cost little extra time"
+            f"tokens/s from a probe of this machine: the run's matmuls in {dtype} at {probed / 1e9:.1f} GFLOP/s "
+            f"({flops / 1e9:.2f} GFLOP per token, {matmul_share:.0%} of the step), elementwise work at "
+            f"{cpu_rates.element_seconds * 1e9:.2f} ns per element; the range is ±{CPU_UNCERTAINTY:.0%}, "
+            "what other processes on the machine can take or give back"
         )
 
     return Estimate(
@@ -364,8 +538,10 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100") -> 
         trainable_params=total_params if full else trainable + saved_params,
         total_params=total_params,
         flops_per_token=flops,
-        predicted_tokens_per_s=tokens / max(step_seconds, floor),
+        predicted_tokens_per_s=middle,
         device=dev.name,
-        assumed_mfu=ASSUMED_MFU,
+        assumed_mfu=ASSUMED_MFU if dev.cuda else 0.0,
+        tokens_per_s_range=speed_range,
+        probe_flops=probed,
         notes=notes,
     )
