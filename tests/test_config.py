@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from vitune.cli import main
 from vitune.config import apply_override, load_config, validate_config
@@ -115,3 +116,21 @@ def test_cli_invalid_yaml(tmp_path, capsys):
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path} line ") and "not valid YAML" in err
+
+
+@pytest.mark.parametrize("method, default", [("lora", 2e-4), ("qlora", 2e-4), ("full", 2e-5)])
+def test_an_unset_learning_rate_is_the_methods_default_and_config_yaml_shows_it(method, default, tmp_path):
+    from vitune.config import dump_config, load_run_config
+
+    cfg = validate_config({**BASE, "method": {"type": method}})
+    assert cfg.train.learning_rate == default
+    assert "learning_rate" not in cfg.train.model_fields_set  # still the default, not the user's
+    (tmp_path / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    assert yaml.safe_load(dump_config(cfg))["train"]["learning_rate"] == default
+    assert load_run_config(tmp_path).train.learning_rate == default
+
+
+def test_a_learning_rate_the_user_wrote_is_kept_for_every_method():
+    for method in ("lora", "qlora", "full"):
+        cfg = validate_config({**BASE, "method": {"type": method}, "train": {"learning_rate": 3e-4}})
+        assert cfg.train.learning_rate == 3e-4 and "learning_rate" in cfg.train.model_fields_set

@@ -24,17 +24,26 @@ def test_usual_settings_get_no_advice():
     assert advise(cfg(), MODEL) == []
 
 
-def test_learning_rate_outside_the_usual_range():
-    config = cfg(train={"learning_rate": 5e-3})
-    (advice,) = advise(config, MODEL)
-    assert advice.key == "train.learning_rate"
-    assert advice.text == (
-        "0.005 is outside 1e-6..1e-3; lora fine-tuning usually uses about 1e-4..3e-4 "
-        "(LoRA/QLoRA about 1e-4..3e-4, full fine-tuning about 1e-5..2e-5)"
-    )
-    assert config.train.learning_rate == 5e-3  # advice never changes values
-    (full,) = advise(cfg(method={"type": "full"}, train={"learning_rate": 2e-4}), MODEL)
-    assert full.text == "0.0002 is high for full fine-tuning of a pretrained model (usual: about 1e-5..2e-5)"
+@pytest.mark.parametrize("method, lr, text", [
+    ("lora", 5e-3, "5e-3 is outside 5e-5..5e-4, the usual range for LoRA (the docs recommend 1e-4..3e-4)"),
+    ("qlora", 2e-5, "2e-5 is outside 5e-5..5e-4, the usual range for QLoRA (the docs recommend 1e-4..3e-4)"),
+    ("full", 2e-4, "2e-4 is outside 5e-6..1e-4, the usual range for full fine-tuning (the docs recommend 1e-5..2e-5)"),
+    ("full", 1e-6, "1e-6 is outside 5e-6..1e-4, the usual range for full fine-tuning (the docs recommend 1e-5..2e-5)"),
+])
+def test_a_learning_rate_outside_the_methods_usual_range_is_advised(method, lr, text):
+    config = cfg(method={"type": method}, train={"learning_rate": lr})
+    assert [(a.key, a.text) for a in advise(config, MODEL)] == [("train.learning_rate", text)]
+    assert config.train.learning_rate == lr  # advice never changes values
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 5e-5), ("lora", 5e-4), ("qlora", 1e-4), ("full", 5e-6), ("full", 1e-4)])
+def test_a_learning_rate_at_the_edges_of_the_usual_range_gets_no_advice(method, lr):
+    assert advise(cfg(method={"type": method}, train={"learning_rate": lr}), MODEL) == []
+
+
+def test_each_methods_default_learning_rate_gets_no_advice():
+    for method in ("lora", "qlora", "full"):
+        assert advise(cfg(method={"type": method}), MODEL) == [], method
 
 
 def test_context_length_advice_and_error():

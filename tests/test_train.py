@@ -263,3 +263,17 @@ def test_unset_logging_steps_logs_about_20_points_at_most_10_steps_apart(tiny_mo
     out = tmp_path / "run"
     run_training(short_run(tiny_models["llama"], out, max_steps=45), None)  # 45 // 20: every 2nd step
     assert logged_steps(out) == [1, *range(2, 45, 2), 45]
+
+
+def test_dry_run_shows_the_learning_rate_a_run_gets_by_default(tiny_models, tmp_path, capsys):
+    for method, line in (("full", "learning rate: 2e-5, the default for full fine-tuning (train.learning_rate)"),
+                         ("qlora", "learning rate: 2e-4, the default for QLoRA (train.learning_rate)")):
+        path = write_config(tmp_path / f"{method}.yaml", model={"name_or_path": str(tiny_models["llama"])},
+                            method={"type": method}, data={"train": [{"path": str(ALPACA)}], "max_length": 128},
+                            train={"output_dir": str(tmp_path / method)})
+        assert main(["train", str(path), "--dry-run"]) == 0
+        shown = " ".join(capsys.readouterr().out.split())
+        assert line in shown and "advice train.learning_rate" not in shown
+    capsys.readouterr()
+    assert main(["train", str(path), "--dry-run", "--set", "train.learning_rate=1e-4"]) == 0
+    assert "learning rate:" not in capsys.readouterr().out  # the user's own value: nothing to say

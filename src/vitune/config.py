@@ -4,7 +4,9 @@ sections a stage or a feature adds (dpo, rl, eval).
 `load_config(path, overrides)` reads the YAML, applies `--set a.b=value` overrides and
 validates it. Every mistake becomes one `ConfigError` line naming the key path, the bad
 value and what is allowed (or the nearest valid key). Rules across fields raise; nothing
-here quietly rewrites what the user wrote.
+here quietly rewrites what the user wrote. One default depends on another key: an unset
+train.learning_rate is the method's (`LEARNING_RATES`), filled in here, so config.yaml and
+--dry-run show the number the run trains with.
 """
 
 from __future__ import annotations
@@ -106,6 +108,26 @@ class MethodConfig(Section):
     type: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraSettings = Field(default_factory=LoraSettings)
     quantization: QuantizationSettings = Field(default_factory=QuantizationSettings)
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """A method's learning rates: the default of an unset train.learning_rate, the range the docs
+    recommend, and the wider one outside which `vitune train` advises (vitune.train.guidance)."""
+
+    label: str  # the method in words
+    default: float
+    recommended: tuple[float, float]
+    usual: tuple[float, float]
+
+
+# Every stage (sft, pt, rm, dpo, rl) starts from its method's: a LoRA adapter starts at zero and needs
+# about ten times the rate that moves a whole pretrained model.
+LEARNING_RATES: dict[str, LearningRates] = {
+    "lora": LearningRates("LoRA", 2e-4, (1e-4, 3e-4), (5e-5, 5e-4)),
+    "qlora": LearningRates("QLoRA", 2e-4, (1e-4, 3e-4), (5e-5, 5e-4)),
+    "full": LearningRates("full fine-tuning", 2e-5, (1e-5, 2e-5), (5e-6, 1e-4)),
+}
 
 
 # ---------------------------------------------------------------- data
@@ -213,7 +235,11 @@ class TrainConfig(Section):
     max_steps: Optional[int] = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
     micro_batch_size: int = Field(4, gt=0)
     gradient_accumulation: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
+    learning_rate: Optional[float] = Field(
+        None, gt=0,
+        description="Peak learning rate. Unset: 2e-4 for lora and qlora, 2e-5 for full fine-tuning (the run's "
+        "config.yaml shows the number used). Usual: LoRA/QLoRA 1e-4..3e-4, full fine-tuning 1e-5..2e-5.",
+    )
     optimizer: Literal[
         "auto", "adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit",
         "adafactor", "sgd",
@@ -346,6 +372,13 @@ class RunConfig(Section):
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     rl: Optional[RlConfig] = None
     eval: Optional[EvalConfig] = None
+
+    @model_validator(mode="after")
+    def _method_learning_rate(self) -> "RunConfig":
+        if self.train.learning_rate is None:
+            self.train.learning_rate = LEARNING_RATES[self.method.type].default
+            self.train.model_fields_set.discard("learning_rate")  # still the default: the user wrote none
+        return self
 
     @model_validator(mode="after")
     def _method_rules(self) -> "RunConfig":

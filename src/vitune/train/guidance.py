@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vitune.config import RunConfig
+from vitune.config import LEARNING_RATES, RunConfig
 from vitune.errors import ConfigError
 
 COMMON_CONTEXTS = (512, 1024, 2048, 4096, 8192)
@@ -18,6 +18,12 @@ COMMON_CONTEXTS = (512, 1024, 2048, 4096, 8192)
 class Advice:
     key: str
     text: str
+
+
+def rate(value: float) -> str:
+    """A learning rate as people write it: 0.0002 -> 2e-4, 1.5e-05 -> 1.5e-5, 0.01 -> 1e-2."""
+    mantissa, exponent = f"{value:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
 def check_max_length(config: RunConfig, model_config) -> None:
@@ -32,17 +38,13 @@ def check_max_length(config: RunConfig, model_config) -> None:
 def advise(config: RunConfig, model_config=None) -> list[Advice]:
     """Advice on the run's hyperparameters (empty when nothing looks unusual)."""
     out: list[Advice] = []
-    lr = config.train.learning_rate
-    method = config.method.type
-    usual = "about 1e-5..2e-5" if method == "full" else "about 1e-4..3e-4"
-    if not 1e-6 <= lr <= 1e-3:
+    lr, rates = config.train.learning_rate, LEARNING_RATES[config.method.type]
+    if not rates.usual[0] <= lr <= rates.usual[1]:
         out.append(Advice(
             "train.learning_rate",
-            f"{lr:g} is outside 1e-6..1e-3; {method} fine-tuning usually uses {usual} "
-            "(LoRA/QLoRA about 1e-4..3e-4, full fine-tuning about 1e-5..2e-5)",
+            f"{rate(lr)} is outside {rate(rates.usual[0])}..{rate(rates.usual[1])}, the usual range for "
+            f"{rates.label} (the docs recommend {rate(rates.recommended[0])}..{rate(rates.recommended[1])})",
         ))
-    elif method == "full" and lr > 1e-4:
-        out.append(Advice("train.learning_rate", f"{lr:g} is high for full fine-tuning of a pretrained model (usual: {usual})"))
     if model_config is not None:
         limit = getattr(model_config, "max_position_embeddings", None)
         if limit and config.data.max_length not in COMMON_CONTEXTS and config.data.max_length < limit:
@@ -51,7 +53,7 @@ def advise(config: RunConfig, model_config=None) -> list[Advice]:
                 f"{config.data.max_length}: common context lengths are {', '.join(map(str, COMMON_CONTEXTS))} "
                 f"(the model accepts up to {limit}); check `vitune data inspect` length percentiles",
             ))
-    if method in ("lora", "qlora"):
+    if config.method.type in ("lora", "qlora"):
         ratio = config.method.lora.alpha / config.method.lora.r
         if not 0.5 <= ratio <= 4:
             out.append(Advice(

@@ -42,7 +42,7 @@ from rich.markup import escape
 from transformers import set_seed
 from transformers.trainer_callback import PrinterCallback
 
-from vitune.config import RunConfig, dump_config
+from vitune.config import LEARNING_RATES, RunConfig, dump_config
 from vitune.data.cache import cache_key
 from vitune.data.templates import resolve_template
 from vitune.models.architecture import load_model_config
@@ -52,7 +52,7 @@ from vitune.models.optimizers import resolve_optimizer
 from vitune.train.arguments import SpeedPlan, plan_speed
 from vitune.train.checkpoint import StopOnSignal, check_fingerprint, checkpoint_step, final_save, fingerprint
 from vitune.train.evaluation import TrainingEvaluation, prepare_evaluation
-from vitune.train.guidance import advise, check_max_length
+from vitune.train.guidance import advise, check_max_length, rate
 from vitune.train.preflight import Startup, startup_checks
 from vitune.train.progress import PROGRESS, ProgressFile
 from vitune.train.run_lock import output_dir_lock
@@ -117,6 +117,9 @@ def prepare_run(config: RunConfig, console: Console, startup: Startup | None = N
     if report.from_cache:
         console.print(f"data: reusing prepared data from the cache ({escape(str(report.cached_at))})")
     console.print(stage.data_line(report, train_rows, eval_rows, template))
+    if "learning_rate" not in config.train.model_fields_set:  # unset: the method's default (vitune.config)
+        console.print(f"learning rate: {rate(config.train.learning_rate)}, the default for "
+                      f"{LEARNING_RATES[config.method.type].label} (train.learning_rate)")
     for advice in advise(config, model_config):
         console.print(f"[yellow]advice[/] {advice.key}: {advice.text}")
     optimizer, notice = resolve_optimizer(config.train.optimizer, bool(config.train.fsdp))
