@@ -83,3 +83,11 @@ def test_umask_modes_follows_the_umask_and_keeps_what_its_owner_may_run(tmp_path
     os.umask(0o027)
     umask_modes(tmp_path / "folder")
     assert modes(tmp_path / "folder") == {".": "0o750", "weights": "0o640", "tool": "0o750"}
+
+
+def test_a_tiny_model_folder_is_755_with_644_files(tmp_path):
+    from vitune.models.tiny import init_tiny_model
+
+    out = init_tiny_model("llama", tmp_path / "tiny", seed=0)
+    assert modes(out) == expected(out)
+    assert modes(out)["model.safetensors"] == "0o644"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vitune.data.templates import get_template
 from vitune.errors import UserError
+from vitune.models.permissions import umask_modes
 
 DATA_DIR = Path(__file__).resolve().parents[3] / "data"
 
@@ -175,4 +176,5 @@ def init_tiny_model(arch: str, out_dir: str | Path, seed: int = 0, sliding_windo
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out, save_jinja_files=False)
+    umask_modes(out)  # safetensors writes 0600 (models/permissions.py)
     return out
