@@ -33,18 +33,9 @@ def chat(
     ),
 ) -> None:
     from vitune.data.records import Message
-    from vitune.errors import UserError
-    from vitune.infer.chat import load_chat_model
+    from vitune.infer.chat import check_sampling, load_chat_model
 
-    # checked before the model loads; generate() would raise in its worker thread
-    if not temperature >= 0 or temperature == float("inf"):
-        raise UserError(f"--temperature {temperature}: use 0 (greedy) or a positive number such as 0.7")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p}: use a number above 0 and at most 1, such as 0.9")
-    if not 0 < repetition_penalty < float("inf"):
-        raise UserError(f"--repetition-penalty {repetition_penalty}: use a positive number, 1 for none, such as 1.2")
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: use at least 1")
+    check_sampling(temperature, top_p, repetition_penalty, max_new_tokens)
     console = Console(highlight=False)
     bot = load_chat_model(run_dir, template=template, base=base, allow_pickle=allow_pickle)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

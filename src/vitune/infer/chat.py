@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from threading import Thread
+from threading import Event, Thread
 from typing import Iterator, Optional
 
 from vitune.data.records import Conversation, Message, fold_system_prompt
@@ -15,6 +15,36 @@ from vitune.models.gguf import model_source
 from vitune.models.loading import (
     adapter_base, check_safe_weights, damaged_files, load_pretrained, load_tokenizer, resolve_dtype,
 )
+
+
+def whole_character_streamer(tokenizer):
+    """A TextIteratorStreamer whose last piece ends on a whole character.
+
+    A byte-level BPE token (or a SentencePiece byte token) can hold the first bytes of a character whose
+    last byte comes in the next token: Llama 3 spells " THẲNG" as " TH", the first two bytes of "Ẳ", its
+    last byte, "NG". Mid-answer the streamer holds such bytes back until the character is complete; but
+    when generation ends between the two tokens (the token limit, Stop) it flushes them, decoded as
+    U+FFFD (" TH" + U+FFFD). The last piece drops them here; the text before them stays."""
+    from transformers import TextIteratorStreamer
+
+    class WholeCharacterStreamer(TextIteratorStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False):
+            super().on_finalized_text(text.rstrip("\ufffd") if stream_end else text, stream_end)
+
+    return WholeCharacterStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def stop_when_set(stop: Event):
+    """A StoppingCriteria that ends generate() at the next token once `stop` is set (the page's Stop button),
+    so the model stops computing rather than only the page stopping to show it."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class StopWhenSet(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StopWhenSet()
 
 
 @dataclass
@@ -32,20 +62,25 @@ class ChatModel:
         temperature: float = 0.0,
         top_p: float = 0.9,
         repetition_penalty: float = 1.0,
+        stop: Optional[Event] = None,
     ) -> Iterator[str]:
-        """Yield the answer's text piece by piece as it is generated."""
+        """Yield the answer's text piece by piece as it is generated; the pieces end on a whole character.
+        Setting `stop` (from any thread) ends generation after the token being computed; the pieces
+        yielded so far are the answer."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteriaList
 
         conv = Conversation(messages, system=system)
         if system and getattr(self.template, "system_refused", None):
             conv = fold_system_prompt(conv)  # a template that takes none (Gemma's): before the first question
         prompt = self.template.prompt(conv)
         enc = self.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = whole_character_streamer(self.tokenizer)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
         if repetition_penalty != 1.0:  # above 1 makes tokens already in the prompt or answer less likely
             sampling["repetition_penalty"] = repetition_penalty
+        if stop is not None:
+            sampling["stopping_criteria"] = StoppingCriteriaList([stop_when_set(stop)])
         kwargs = dict(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -73,6 +108,21 @@ class ChatModel:
 
     def answer(self, messages: list[Message], system: Optional[str] = None, **kwargs) -> str:
         return "".join(self.stream(messages, system=system, **kwargs)).strip()
+
+
+def check_sampling(temperature: float, top_p: float, repetition_penalty: float, max_new_tokens: int,
+                   name=lambda key: "--" + key.replace("_", "-")) -> None:
+    """The generation settings of `vitune chat` and the page's chat tab, checked before a model loads:
+    generate() would raise in its worker thread. `name` spells a setting as the user typed it
+    (`--top-p` on the command line)."""
+    if not temperature >= 0 or temperature == float("inf"):
+        raise UserError(f"{name('temperature')} {temperature}: use 0 (greedy) or a positive number such as 0.7")
+    if not 0 < top_p <= 1:
+        raise UserError(f"{name('top_p')} {top_p}: use a number above 0 and at most 1, such as 0.9")
+    if not 0 < repetition_penalty < float("inf"):
+        raise UserError(f"{name('repetition_penalty')} {repetition_penalty}: use a positive number, 1 for none, such as 1.2")
+    if max_new_tokens < 1:
+        raise UserError(f"{name('max_new_tokens')} {max_new_tokens}: use at least 1")
 
 
 def check_generation_config(model, path: str, vocab: int) -> None:
