@@ -81,12 +81,12 @@ TEXT: dict[str, tuple[str, str]] = {  # key: (English, Vietnamese)
     "clear": ("Clear", "Xoá"),
     "chat_model": ("Fine-tuned", "Đã tinh chỉnh"),
     "chat_base": ("Base model", "Mô hình gốc"),
-    # eval
     "greedy": ("Greedy (temperature 0: the same answer every time)",
                "Tham lam (nhiệt độ 0: lần nào cũng cùng một câu trả lời)"),
     "top_p": ("Top p (nucleus sampling)", "Top p (lấy mẫu hạt nhân)"),
     "repetition_penalty": ("Repetition penalty (1 = off, e.g. 1.2)", "Phạt lặp lại (1 = tắt, ví dụ 1.2)"),
     "stop_answer": ("Stop", "Dừng"),
+    # eval
     "eval_target": ("Run or model to evaluate", "Lần chạy hoặc mô hình cần đánh giá"),
     "eval_files": ("Evaluation files (one per line)", "Tệp đánh giá (mỗi dòng một tệp)"),
     "eval_limit": ("Rows per file (0 = all)", "Số dòng mỗi tệp (0 = tất cả)"),
