@@ -130,3 +130,16 @@ def test_only_the_main_process_writes(tmp_path):
     other_rank.run_folder_made()
     other_rank.end("finished")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_does_not_hide_the_failure_being_raised(tmp_path, monkeypatch):
+    progress = ProgressFile(tmp_path / PROGRESS)
+    progress.start("preparing data")
+    progress.run_folder_made()
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ProgressFile, "_replace", full)
+    progress.failed(UserError("no space left on the disk of runs/x while saving checkpoint-8"))  # returns quietly
+    assert read(tmp_path / PROGRESS)["phase"] == "preparing data"  # the last one the disk took

@@ -101,13 +101,16 @@ class ProgressFile(TrainerCallback):
         """The run ended with `exc`: before the run folder, undo the start; after it, record the end."""
         if not self.enabled or self.current in (None, "finished", "stopped", "failed"):
             return  # nothing written yet, or the end already is
-        if not self._kept:
-            self._undo()
-        elif isinstance(exc, KeyboardInterrupt):
-            self.end("stopped")
-        else:
-            line = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
-            self.end("failed", line.splitlines()[0] if line.strip() else type(exc).__name__)
+        try:
+            if not self._kept:
+                self._undo()
+            elif isinstance(exc, KeyboardInterrupt):
+                self.end("stopped")
+            else:
+                line = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+                self.end("failed", line.splitlines()[0] if line.strip() else type(exc).__name__)
+        except OSError:  # a full or failing disk: the failure being raised says more than this file could
+            pass
 
     def _undo(self) -> None:
         folder = self.path.parent

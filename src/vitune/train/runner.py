@@ -92,7 +92,8 @@ def prepare_run(config: RunConfig, console: Console, startup: Startup | None = N
     data counts and the guidance. Raises UserError for anything wrong with the user's input.
     `startup`: what `startup_checks(config)` returned, where the caller ran them (None: run them here)."""
     # the output folder, train.resume, train.deepspeed / fsdp and the stage's rules: the web page's Check runs them too
-    startup = startup or startup_checks(config)
+    if startup is None:
+        startup = startup_checks(config)
     resume_from, scale_out = startup.resume_from, startup.scale_out
     stage = stage_for(config)
     state = process_state()  # one process, or one rank of `accelerate launch`
