@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -524,6 +525,10 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100", cpu
             f"{cpu_rates.element_seconds * 1e9:.2f} ns per element; the range is ±{CPU_UNCERTAINTY:.0%}, "
             "what other processes on the machine can take or give back"
         )
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if load > cores:
+            notes.append(f"this machine is busy (load average {load:.1f} on {cores} cores): other processes' "
+                         "share of it changes from one minute to the next, and the run's speed with it")
 
     return Estimate(
         base_weights=base / GIB,
