@@ -124,7 +124,7 @@ def test_stop_ends_a_long_answer_on_the_server_and_keeps_what_came(page, run, se
     send(page, "Xin chào")
     bot = page.locator("#chat-model .bot").last
     bot.wait_for()
-    page.wait_for_function("() => (document.querySelector('#chat-model .bot:last-of-type') || {}).innerText?.length > 40",
+    page.wait_for_function("() => [...document.querySelectorAll('#chat-model .bot')].pop()?.innerText.length > 40",
                            timeout=60_000)
     expect(page.locator("#chat-send")).to_be_disabled()  # one answer at a time
     clicked = time.time()

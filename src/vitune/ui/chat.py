@@ -2,14 +2,16 @@
 
 The models are loaded once per folder and kept (vitune.infer.chat, as `vitune chat` loads them).
 Each answer is generated in a thread of its own, so the fine-tuned and the base panels stream at
-the same time; Stop sets the session's stop event, which ends generate() at the next token
-(a StoppingCriteria in ChatModel.stream), and re-enables Send once those threads have ended.
+the same time. Stop sets the session's stop event, which ends generate() at the next token (a
+StoppingCriteria in ChatModel.stream); the answering event then ends on its own, its last update
+showing all that was generated and giving Send back. (Gradio's `cancels=` is not used: cancelling
+the event cuts its stream anywhere, so the page could miss the last pieces or get one after Stop's
+own update.)
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Queue
 
@@ -22,21 +24,13 @@ SAMPLING = dict(temperature=0.7, top_p=0.9)  # the page's defaults: greedy decod
 _DONE = object()  # a side's thread has finished
 
 
-@dataclass
-class Generation:
-    """One session's answers being generated: the stop event they watch and their threads."""
-
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-
 class ChatSessions:
     """The chat models this server has loaded, by folder, and the chat handlers of the page."""
 
     def __init__(self):
         self.models: dict[str, object] = {}
         self.loading = threading.Lock()  # two sessions asking for one folder load it once
-        self.running: dict[str, Generation] = {}  # by the browser session (gr.Request.session_hash)
+        self.running: dict[str, threading.Event] = {}  # the stop event of each browser session's answers
 
     def model(self, path: str):
         from vitune.infer.chat import load_chat_model
@@ -61,15 +55,27 @@ class ChatSessions:
                 max_new_tokens, with_base, lang, request: gr.Request):
         """Yields (answer panel, base panel, message box, error, Send, Stop) as the answers grow; both
         panels' answers are generated at once, each in its own thread."""
+        history, base_history = list(history or []), list(base_history or [])
+        if not message or not message.strip():
+            yield history, base_history, "", "", gr.update(interactive=True), gr.update(interactive=False)
+            return
+        stop = threading.Event()
+        self.running[request.session_hash] = stop  # a Stop while the models load is heard too
+        try:
+            yield from self._answer(stop, message, history, base_history, path, system, temperature, top_p,
+                                    repetition_penalty, max_new_tokens, with_base, lang)
+        finally:  # also when the generator is closed early (the page went away): the models stop computing
+            stop.set()
+            if self.running.get(request.session_hash) is stop:
+                del self.running[request.session_hash]
+
+    def _answer(self, stop: threading.Event, message, history, base_history, path, system, temperature, top_p,
+                repetition_penalty, max_new_tokens, with_base, lang):
         from vitune.data.records import Message
         from vitune.infer.chat import check_sampling
 
-        history, base_history = list(history or []), list(base_history or [])
         busy, idle = (gr.update(interactive=False), gr.update(interactive=True)), \
             (gr.update(interactive=True), gr.update(interactive=False))
-        if not message or not message.strip():
-            yield history, base_history, "", "", *idle
-            return
         try:
             if not path:
                 raise UserError("choose a run or model folder to chat with")
@@ -87,14 +93,16 @@ class ChatSessions:
         except Exception as exc:
             yield history, base_history, message, error_md(one_line(exc), lang), *idle
             return
+        if stop.is_set():  # stopped while the models loaded
+            yield history, base_history, message, "", *idle
+            return
         settings = dict(system=system or None, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                         top_p=float(top_p), repetition_penalty=float(repetition_penalty))
-        generation = Generation()
         arrived: Queue = Queue()  # a side's thread puts None per piece, its exception, then _DONE
 
         def answer(bot, asked: list, turn: dict) -> None:
             try:
-                for piece in bot.stream(asked, stop=generation.stop, **settings):
+                for piece in bot.stream(asked, stop=stop, **settings):
                     turn["content"] += piece
                     arrived.put(None)
             except Exception as exc:
@@ -102,42 +110,33 @@ class ChatSessions:
             finally:
                 arrived.put(_DONE)
 
+        threads = []
         for bot, turns in sides:
             asked = [Message(m["role"], m["content"]) for m in turns] + [Message("user", message)]
             turns += [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
-            generation.threads.append(threading.Thread(target=answer, args=(bot, asked, turns[-1]), daemon=True))
-        self.running[request.session_hash] = generation
-        for thread in generation.threads:
+            threads.append(threading.Thread(target=answer, args=(bot, asked, turns[-1]), daemon=True))
+        for thread in threads:
             thread.start()
-        left, error = len(generation.threads), ""
-        try:
-            while left:
-                items = [arrived.get()]
-                while not arrived.empty():  # pieces that came together are shown together
-                    items.append(arrived.get())
-                for item in items:
-                    left -= item is _DONE
-                    if isinstance(item, Exception) and not error:
-                        error = error_md(one_line(item), lang)
-                # Send and Stop left as they are: an update sent now could reach the page after Stop's
-                yield history, base_history, "", error, gr.update(), gr.update()
-            for _, turns in sides:
-                turns[-1]["content"] = turns[-1]["content"].strip()
-            yield history, base_history, "", error, *idle
-        finally:  # also when the page cancelled this generator: the models must not go on computing
-            generation.stop.set()
-            if self.running.get(request.session_hash) is generation:
-                del self.running[request.session_hash]
+        left, error = len(threads), ""
+        while left:
+            items = [arrived.get()]
+            while not arrived.empty():  # pieces that came together are shown together
+                items.append(arrived.get())
+            for item in items:
+                left -= item is _DONE
+                if isinstance(item, Exception) and not error:
+                    error = error_md(one_line(item), lang)
+            yield history, base_history, "", error, gr.update(), gr.update()
+        for _, turns in sides:
+            turns[-1]["content"] = turns[-1]["content"].strip()
+        yield history, base_history, "", error, *idle
 
-    def stop(self, request: gr.Request):
-        """Stop this session's answers: set their stop event and wait for their threads (generate() ends at
-        its next token), then give Send back. The panels keep what was streamed so far."""
-        generation = self.running.get(request.session_hash)
-        if generation is not None:
-            generation.stop.set()
-            for thread in generation.threads:
-                thread.join(timeout=60)
-        return gr.update(interactive=True), gr.update(interactive=False)
+    def stop(self, request: gr.Request) -> None:
+        """Stop this session's answers: generate() ends at its next token, and `respond` ends with what was
+        generated so far and gives Send back."""
+        stop = self.running.get(request.session_hash)
+        if stop is not None:
+            stop.set()
 
 
 def chat_tab(chat: ChatSessions, L, lang: str, lang_state, models_here: list[str]):
@@ -171,9 +170,9 @@ def chat_tab(chat: ChatSessions, L, lang: str, lang_state, models_here: list[str
         c_clear = L(gr.Button(t("clear", lang), elem_id="chat-clear", scale=0), "clear", "value")
     c_error = gr.Markdown(elem_classes="vitune-error", elem_id="chat-error")
     chat_in = [c_msg, c_box, c_box_base, c_run, c_system, c_temp, c_top_p, c_penalty, c_max, c_base, lang_state]
-    answering = gr.on([c_send.click, c_msg.submit], chat.respond, chat_in,
+    gr.on([c_send.click, c_msg.submit], chat.respond, chat_in,
                       [c_box, c_box_base, c_msg, c_error, c_send, c_stop])
-    c_stop.click(chat.stop, None, [c_send, c_stop], cancels=[answering])
+    c_stop.click(chat.stop, None, None, queue=False)
     c_clear.click(lambda: ([], [], ""), None, [c_box, c_box_base, c_error])
     c_base.change(lambda on: gr.update(visible=on), c_base, c_box_base)
     # Greedy is temperature 0: the checkbox sets the number, typing a number sets the checkbox
