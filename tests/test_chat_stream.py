@@ -139,3 +139,25 @@ def test_side_by_side_both_panels_are_generated_at_the_same_time(real_tokenizer)
     assert shown[-1] == ("Hà Nội là thủ đô.", "Tôi không biết, xin lỗi.", "")
     # the panels grew together: some update showed part of each answer
     assert any(0 < len(tuned) < 17 and 0 < len(base) < 24 for tuned, base, _ in shown)
+
+
+@pytest.mark.parametrize("tokens, expected", [(4, "Đi TH"), (5, "Đi THẲ"), (6, "Đi THẲNG")])
+def test_vitune_serve_ends_an_answer_cut_at_the_token_limit_on_a_whole_character(real_tokenizer, tokens, expected):
+    """The serving engine (infer/batching.py) emits what each token adds; the last piece of an answer cut at
+    max_new_tokens inside a character drops the cut bytes instead of sending U+FFFD."""
+    import torch
+
+    from vitune.infer.batching import Delta, Engine, Request, Sampling
+
+    tokenizer = real_tokenizer("llama-bpe")
+    ids = tokenizer.encode("Đi THẲNG", add_special_tokens=False)
+    sent: list = []
+    request = Request(prompt_ids=[1], sampling=Sampling(max_new_tokens=tokens, temperature=0.0), emit=sent.append)
+    engine = SimpleNamespace(tokenizer=tokenizer)
+    for token in ids[:tokens]:
+        logits = torch.full((len(tokenizer),), -1e9)
+        logits[token] = 0.0
+        if Engine._accept(engine, request, logits, Delta()):
+            break
+    assert "".join(d.text for d in sent) == expected
+    assert sent[-1].finish_reason == "length"

@@ -338,6 +338,7 @@ class Engine:
             new, delta.finish_reason = text[request.sent_chars : max(min(hits), request.sent_chars)], "stop"
         elif delta.finish_reason is None and len(request.generated) >= request.sampling.max_new_tokens:
             delta.finish_reason = "length"
+            new = new.rstrip("\ufffd")  # cut inside a character: end on the last whole one
         elif delta.finish_reason is None:
             # hold back an unfinished UTF-8 character and any tail that may start a stop string
             held = len(new) - len(new.rstrip("\ufffd"))
