@@ -53,7 +53,7 @@ def test_dry_run_prepares_and_estimates_without_training(tiny_llama, tmp_path, c
     assert main(["train", str(path), "--dry-run"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "data: 8 rows read, 8 kept, 0 rejected" in text
-    assert "advice train.learning_rate: 0.005 is outside 1e-6..1e-3" in text
+    assert "advice train.learning_rate: 5e-3 is outside 5e-5..5e-4, the usual range for LoRA (the docs recommend 1e-4..3e-4)" in text
     assert "optimizer states" in text and "predicted" in text
     assert f"dry run: the config, tokenizer and data of {path} are ready; nothing was trained" in text
     assert not out.exists()
