@@ -69,7 +69,9 @@ def root(workspace) -> Path:
 def server(root):
     port = free_port()
     log = open(root.parent / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "vitune", "ui", "--root", rel(root), "--port", str(port), "--lang", "en"],
+    # the page's own files (the YAML of the runs it starts) go to its state folder, beside the runs folder
+    proc = subprocess.Popen([sys.executable, "-m", "vitune", "ui", "--root", rel(root), "--port", str(port), "--lang", "en",
+                             "--state-dir", str(root.parent / "state")],
                             cwd=root.parent, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):

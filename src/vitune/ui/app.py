@@ -9,7 +9,6 @@ serving.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -22,7 +21,7 @@ from vitune.config import STAGE_INFO
 from vitune.errors import UserError
 from vitune.ui import forms, jobs
 from vitune.ui.chat import ChatSessions, chat_tab
-from vitune.ui.text import LANGUAGES, error_md, one_line, t
+from vitune.ui.text import LANGUAGES, TEXT, error_md, one_line, page_words, t
 
 CSS = ".vitune-error {color: #b91c1c; font-weight: 600} .vitune-error p {margin: 0}"
 DEVICES = ["CPU", "T4", "L4", "RTX4090", "A100", "H100", "H200"]
@@ -36,23 +35,26 @@ CURVES = {  # plot: the metrics.jsonl keys it draws
 
 
 class Ui:
-    """The server's state: one training process at a time, started from this page."""
+    """The server's state: one training process at a time, started from this page. `state_dir`
+    holds what the page generates (the YAML of each run it starts), outside the runs folder."""
 
-    def __init__(self, root: Path, lang: str):
+    def __init__(self, root: Path, lang: str, state_dir: Path | None = None):
         self.root = Path(root)
         self.lang = lang
+        self.state_dir = Path(state_dir) if state_dir else jobs.default_state_dir()
         self.job: jobs.TrainingJob | None = None
         self.lock = threading.Lock()
         self.chat = ChatSessions()
 
     # ------------------------------------------------------------- data tab
 
-    def inspect(self, model, template, files, uploads, max_length, packing, n, lang):
+    def inspect(self, model, template, files, max_length, packing, n, lang):
+        """Inspect as `vitune data inspect` does. Returns the inspection in words of no language
+        (kept by the page, to show it again in the other language) and its rendering."""
         from vitune.data.inspect import token_pieces
         from vitune.data.preference import TokenizedPair
 
-        paths = "\n".join([files or ""] + [str(u) for u in (uploads or [])])
-        raw = forms.inspection_config(model, template, paths, max_length, packing)
+        raw = forms.inspection_config(model, template, files, max_length, packing)
         try:
             from vitune.config import validate_config
             from vitune.train.inspection import inspect_data
@@ -61,69 +63,48 @@ class Ui:
                 raise UserError("data.train: give at least one data file or folder")
             seen = inspect_data(validate_config(raw, source="form"))
         except Exception as exc:
-            return error_md(one_line(exc), lang), None, "", []
-        s = seen.stats
-        lines = [f"| {t('tab_data', lang)} | |", "|---|---|",
-                 f"| {t('rows', lang)} | {s['rows_read']} / {s['rows_kept']} / {s['rows_rejected']} |"]
-        for reason, count in s["rejected_by_reason"].items():
-            lines.append(f"| &nbsp;&nbsp;{t('rejected_by', lang)}: {reason} | {count} |")
-        lines.append(f"| {t('truncated', lang)} | {s['rows_truncated']} |")
-        lines.append(f"| {t('train_eval_rows', lang)} | {s['train_rows']} / {s['eval_rows']} |")
-        lines.append(f"| {t('tokens', lang)} | {s['total_tokens']:,} ({s['trained_token_fraction']:.1%}) |")
-        p = s["length_percentiles"]
-        if p:
-            lines.append(f"| {t('lengths', lang)} | {p['p50']} / {p['p90']} / {p['p99']} / {p['max']} |")
-        if s["packing_efficiency"] is not None:
-            lines.append(f"| {t('packing_eff', lang)} | {s['packing_efficiency']:.1%} |")
-        for path, counts in s["formats"].items():
-            kinds = ", ".join(f"{k} {v}" for k, v in counts.items())
-            lines.append(f"| {t('detected', lang)}: {Path(path).name} | {kinds} |")
-        if s["template"]:
-            lines.append(f"| template | {s['template']} |")
-        summary = "\n".join(lines)
-        for notice in s["template_notices"]:
-            summary += f"\n\n> notice: template: {notice}"
-        rejected = pd.DataFrame([{"file:line": r.source, "reason": r.reason, "detail": r.detail}
-                                 for r in seen.report.rejections[:20]], columns=["file:line", "reason", "detail"])
-        shown, header = [], []
+            view = {"error": one_line(exc)}
+            return view, *show_inspection(view, lang)
+        rows = []
         for i, row in enumerate(seen.rows[: int(n or 0)]):
-            sequences = row.sequences if isinstance(row, TokenizedPair) else [row]
-            for seq in sequences:
-                trained = sum(label != -100 for label in seq.labels)
-                header.append(t("row_of", lang, i=i + 1, n=len(seen.rows), tokens=len(seq.input_ids), trained=trained))
-                label = "trained"  # shown by colour alone (no legend): the same in both languages
-                shown += [(f"\n[{header[-1]}]\n", None)] + [(text, label if on else None)
-                                                           for text, on in token_pieces(seen.tokenizer, seq)]
-        return summary, rejected, "", shown
+            for seq in row.sequences if isinstance(row, TokenizedPair) else [row]:
+                header = dict(i=i + 1, n=len(seen.rows), tokens=len(seq.input_ids),
+                              trained=sum(label != -100 for label in seq.labels))
+                rows.append((header, [(text, on) for text, on in token_pieces(seen.tokenizer, seq)]))
+        view = {"stats": seen.stats, "rows": rows,
+                "rejected": [(r.source, r.reason, r.detail) for r in seen.report.rejections[:20]]}
+        return view, *show_inspection(view, lang)
 
     # ------------------------------------------------------------- train tab
 
     def check_form(self, lang, device, *values):
         checked = forms.check(dict(zip(forms.FIELDS, values)))
-        errors = [error_md(checked.message, lang) if key == checked.field else "" for key in forms.FIELDS]
-        general = error_md(checked.message, lang) if checked.message and checked.field is None else (
-            t("valid", lang) if checked.config else "")
+        message = error_md(page_words(checked.message, lang), lang)
+        errors = [message if key == checked.field else "" for key in forms.FIELDS]
+        general = message if checked.message and checked.field is None else (t("valid", lang) if checked.config else "")
         advice = forms.advice_lines(checked)
         advice_md = "\n".join(f"- {a}" for a in advice) if advice else (t("no_advice", lang) if checked.config else "")
-        return [*errors, general, forms.estimate_text(checked, device), advice_md, checked.yaml]
+        return [*errors, general, forms.estimate_text(checked, device, lang), advice_md, checked.yaml]
 
     def save_yaml(self, yaml_text, path, lang):
         if not yaml_text:
-            return error_md("check the form first: there is no valid config to save", lang)
+            return error_md(t("err_no_yaml", lang), lang)
         target = Path(os.path.expanduser(path or ""))
         if not path or target.is_dir():
-            return error_md(f"give a file name such as {target / 'run.yaml'}", lang)
+            return error_md(t("err_yaml_name", lang, path=target / "run.yaml"), lang)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(yaml_text, encoding="utf-8")
         except OSError as exc:
-            return error_md(f"cannot write {target}: {exc.strerror}", lang)
+            return error_md(t("err_cannot_write", lang, path=target, reason=exc.strerror), lang)
         return f"{t('saved', lang)}: `{target}`"
 
     def start(self, lang, device, *values, resume: bool = False):
-        checked = forms.check(dict(zip(forms.FIELDS, values)))
+        """`vitune train` on the form's YAML (written to the page's state folder) in its own
+        process, once every start-up check of `vitune train` passes."""
+        checked = forms.check(dict(zip(forms.FIELDS, values)), resume=resume)
         if checked.config is None:
-            return error_md(checked.message, lang)
+            return error_md(page_words(checked.message, lang), lang)
         with self.lock:
             if self.job and self.job.running:
                 return error_md(t("already_running", lang), lang)
@@ -135,12 +116,14 @@ class Ui:
                     pass
             except UserError as exc:
                 return error_md(str(exc), lang)
-            work = self.root / ".vitune-ui"
-            work.mkdir(parents=True, exist_ok=True)
-            config_path = work / f"{out.name}.yaml"
-            config_path.write_text(checked.yaml, encoding="utf-8")
+            try:
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                config_path = self.state_dir / f"{out.name}.yaml"
+                config_path.write_text(checked.yaml, encoding="utf-8")
+            except OSError as exc:
+                return error_md(t("err_cannot_write", lang, path=self.state_dir, reason=exc.strerror), lang)
             overrides = ["train.resume=auto", "train.overwrite=false"] if resume else []
-            self.job = jobs.TrainingJob.start(config_path, out, overrides)
+            self.job = jobs.TrainingJob.start(config_path, out, overrides, resuming=resume)
         return f"{t('running', lang)}: `vitune train {config_path}`" + (" --set train.resume=auto" if resume else "")
 
     def stop(self, lang):
@@ -149,14 +132,18 @@ class Ui:
         return t("nothing_to_stop", lang)
 
     def poll(self, lang):
-        """Progress, the last lines of output and the four plots of the job's run."""
+        """The job's status (with its phase, step and time left), the last lines of its output,
+        and its plots with a line for each that has no points yet; an earlier run's files in
+        the folder are not this job's (a new Start clears the page)."""
         job = self.job
         if job is None:
-            return t("no_job", lang), "", *[None] * len(CURVES)
-        p = jobs.progress(job.output_dir) or {}
+            return t("no_job", lang), "", *_plots({}, lang)
+        p = job.progress() or {}
         code = job.exit_code
         if code is None:
-            status = t("running", lang)
+            phase = p.get("phase")
+            phase = t(f"phase {phase}", lang) if f"phase {phase}" in TEXT else (phase or t("starting", lang))
+            status = f"{t('running', lang)}** · **{phase}"
         elif code == 0:
             status = t("finished", lang)
         elif code == 130 or p.get("status") == "stopped":
@@ -168,32 +155,32 @@ class Ui:
             text += f" · {t('step', lang)} {p['step']} / {p['max_steps']}"
             if p.get("eta_s") is not None and code is None:
                 text += f" · {t('left', lang)} {_duration(p['eta_s'])}"
-        return text, job.log(), *self._plots(job.output_dir)
-
-    def _plots(self, run_dir: Path):
-        found = jobs.curves(run_dir)
-        out = []
-        for keys in CURVES.values():
-            points = [{"step": step, "value": value, "series": key}
-                      for key in keys for step, value in found.get(key, [])]
-            out.append(pd.DataFrame(points, columns=["step", "value", "series"]) if points else None)
-        return out
+        return text, job.log(), *_plots(job.curves(), lang)
 
     # ------------------------------------------------------------- runs tab
 
-    def runs(self, root, lang):
+    def runs(self, root, key, lang):
+        """The runs table, the overlay's choices (the runs of this folder, the newest three picked)
+        and their curves, and the runs' evaluation results, with the headers in `lang`."""
         found = jobs.list_runs(Path(root or self.root))
-        table = pd.DataFrame([jobs.run_summary(r) for r in found])
+        rows = [jobs.run_summary(r) for r in found]
+        for row in rows:
+            row["status"] = t(row["status"], lang) if row["status"] in TEXT else row["status"]
         names = [str(r) for r in found]
-        results = [row for r in found for row in jobs.eval_results(r)]
-        evals = pd.DataFrame(results, columns=["run", "file", "metric", "model", "base"])
+        evals = [row for r in found for row in jobs.eval_results(r)]
         message = "" if found else t("no_runs", lang)
-        return table, gr.update(choices=names, value=names[:3]), evals, message
+        return (table(rows, list(rows[0]) if rows else [], lang), gr.update(choices=names, value=names[:3]),
+                table(evals, list(evals[0]) if evals else ["run", "evaluation", "file", "metric", "model", "base"], lang), message,
+                self.overlay(names[:3], key, lang))
 
-    def overlay(self, runs, key):
+    def overlay(self, runs, key, lang):
+        key = key or "loss"
         points = [{"step": step, "value": value, "run": Path(r).name}
-                  for r in runs or [] for step, value in jobs.curves(Path(r)).get(key or "loss", [])]
-        return pd.DataFrame(points, columns=["step", "value", "run"]) if points else None
+                  for r in runs or [] for step, value in jobs.curves(Path(r)).get(key, [])]
+        # the legend is set with the data: the plot keeps its first legend while only its data changes
+        return gr.update(value=pd.DataFrame(points, columns=["step", "value", "run"]) if points else None,
+                         colors_in_legend=sorted({p["run"] for p in points}), x_title=t("step", lang), y_title=key,
+                         color_title=t("col run", lang))
 
     # ------------------------------------------------------------- chat tab
 
@@ -206,27 +193,29 @@ class Ui:
     # ------------------------------------------------------------- eval and export tabs
 
     def evaluate(self, target, files, limit, generate, with_base, lang, progress=gr.Progress()):
+        """`vitune eval` of the target: its rows (kept by the page for the language switch), the
+        table in `lang` and where it was saved."""
         from vitune.eval import report
         from vitune.eval.runner import evaluate
 
         paths = forms.data_paths(files)
         try:
             if not target:
-                raise UserError("choose a run or model folder to evaluate")
+                raise UserError(t("err_eval_target", lang))
             if not paths:
-                raise UserError("give at least one evaluation file")
+                raise UserError(t("err_eval_files", lang))
             result = evaluate(target, paths, base="auto" if with_base else "none", generate=bool(generate),
                               limit=int(limit) or None, batch_size=8, max_new_tokens=64)
             report.save(result, report.default_out(target))  # kept in evals/ too: the Runs tab lists each
             out = report.default_out(target) / report.LATEST
         except Exception as exc:
-            return None, error_md(one_line(exc), lang)
+            return [], None, error_md(one_line(exc), lang)
         model, base = report.rows_of(result, "model"), report.rows_of(result, "base")
         rows = [{"file": f, "metric": m, "model": round(v, 4),
                  "base": round(base[(f, m)], 4) if (f, m) in base else None,
                  "difference": round(v - base[(f, m)], 4) if (f, m) in base else None}
                 for (f, m), v in model.items()]
-        return pd.DataFrame(rows), f"{t('saved', lang)}: `{out}`"
+        return rows, table(rows, ["file", "metric", "model", "base", "difference"], lang), f"{t('saved', lang)}: `{out}`"
 
     def export(self, source, kind, out, quant, force, lang):
         """Merge or GGUF export in a thread; its progress lines stream into the page."""
@@ -238,20 +227,20 @@ class Ui:
                 if kind == "merge":
                     from vitune.export.merge import merge_run
 
-                    lines.append(f"merging {source} into {out} ...")
+                    lines.append(t("export_merging", lang, source=source, out=out))
                     done["result"] = merge_run(source, out, force=bool(force))
-                    lines.append(f"wrote {out}")
+                    lines.append(t("export_wrote", lang, out=out))
                 else:
                     from vitune.export.gguf import export_gguf
 
                     r = export_gguf(source, out, quant=quant, force=bool(force), say=lines.append)
-                    lines.append(f"wrote {out}: {r['architecture']}, {r['quant']}, {r['bytes'] / 2**20:.1f} MiB, "
-                                 f"{r['tensors']} tensors")
+                    lines.append(t("export_wrote_gguf", lang, out=out, arch=r["architecture"], quant=r["quant"],
+                                   mib=r["bytes"] / 2**20, tensors=r["tensors"]))
             except Exception as exc:
                 done["error"] = one_line(exc)
 
         if not source or not out:
-            yield "", error_md("choose the source folder and where to write", lang)
+            yield "", error_md(t("err_export_target", lang), lang)
             return
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
@@ -261,17 +250,76 @@ class Ui:
         yield "\n".join(lines), error_md(done["error"], lang) if "error" in done else t("done", lang)
 
 
+def table(rows: list[dict], columns: list[str], lang: str) -> pd.DataFrame:
+    """Rows of a CLI function as a table whose headers are in `lang` (a header without words
+    of its own, such as a metric name, stays)."""
+    named = [t(f"col {c}", lang) if f"col {c}" in TEXT else c for c in columns]
+    return pd.DataFrame([[row.get(c) for c in columns] for row in rows], columns=named)
+
+
+def show_inspection(view: dict | None, lang: str):
+    """An inspection (Ui.inspect) in `lang`: the summary, the first rejected rows (or a line
+    saying there are none), the error, the rows as the model sees them."""
+    if not view:
+        return "", gr.update(value=None, visible=False), "", "", []
+    if "error" in view:
+        return "", gr.update(value=None, visible=False), "", error_md(page_words(view["error"], lang), lang), []
+    s = view["stats"]
+    lines = [f"| {t('tab_data', lang)} | |", "|---|---|",
+             f"| {t('rows', lang)} | {s['rows_read']} / {s['rows_kept']} / {s['rows_rejected']} |"]
+    for reason, count in s["rejected_by_reason"].items():
+        lines.append(f"| &nbsp;&nbsp;{t('rejected_by', lang)}: {reason} | {count} |")
+    lines.append(f"| {t('truncated', lang)} | {s['rows_truncated']} |")
+    lines.append(f"| {t('train_eval_rows', lang)} | {s['train_rows']} / {s['eval_rows']} |")
+    lines.append(f"| {t('tokens', lang)} | {s['total_tokens']:,} ({s['trained_token_fraction']:.1%}) |")
+    p = s["length_percentiles"]
+    if p:
+        lines.append(f"| {t('lengths', lang)} | {p['p50']} / {p['p90']} / {p['p99']} / {p['max']} |")
+    if s["packing_efficiency"] is not None:
+        lines.append(f"| {t('packing_eff', lang)} | {s['packing_efficiency']:.1%} |")
+    for path, counts in s["formats"].items():
+        kinds = ", ".join(f"{k} {v}" for k, v in counts.items())
+        lines.append(f"| {t('detected', lang)}: {Path(path).name} | {kinds} |")
+    if s["template"]:  # "auto" resolved to the tokenizer's own template (a built-in says its name)
+        name = t("tokenizer_template", lang) if s["template"] == "auto" else s["template"]
+        lines.append(f"| {t('data_template', lang)} | {name} |")
+    summary = "\n".join(lines)
+    for notice in s["template_notices"]:
+        summary += f"\n\n> {t('notice', lang)}: {notice}"
+    rejected = [dict(zip(("file:line", "reason", "detail"), r)) for r in view["rejected"]]
+    shown = []
+    for header, pieces in view["rows"]:
+        # the trained tokens are shown by colour alone (no legend): the same in both languages
+        shown += [(f"\n[{t('row_of', lang, **header)}]\n", None)] + [(text, "trained" if on else None) for text, on in pieces]
+    return (summary, gr.update(value=table(rejected, ["file:line", "reason", "detail"], lang), visible=bool(rejected)),
+            "" if rejected else t("no_rejected", lang), "", shown)
+
+
+def _plots(found: dict, lang: str) -> list:
+    """The training plots from {key: [(step, value)]}: each as points (one logged step is a
+    visible point), hidden with a line saying so while it has none."""
+    plots, notes = [], []
+    for plot, keys in CURVES.items():
+        points = [{"step": step, "value": value, "series": key} for key in keys for step, value in found.get(key, [])]
+        frame = pd.DataFrame(points, columns=["step", "value", "series"]) if points else None
+        plots.append(gr.update(value=frame, visible=bool(points), colors_in_legend=[k for k in keys if k in found],
+                               x_title=t("step", lang), y_title=t("axis value", lang), color_title=t("axis curve", lang)))
+        notes.append("" if points else t("no_points", lang, plot=t(plot, lang)))
+    return plots + notes
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def build(root: Path, lang: str = "en") -> gr.Blocks:
-    """The page. Each component whose words depend on the language is registered with its key."""
-    ui = Ui(root, lang)
-    relabel: list[tuple[object, str, str]] = []  # (component, text key, attribute)
+def build(root: Path, lang: str = "en", state_dir: Path | None = None) -> gr.Blocks:
+    """The page. Each component whose words depend on the language is registered with its key
+    (or, for choices, with a function of the language that gives them)."""
+    ui = Ui(root, lang, state_dir)
+    relabel: list[tuple[object, object, str]] = []  # (component, text key or lang -> value, attribute)
 
-    def L(component, key: str, attr: str = "label"):
+    def L(component, key, attr: str = "label"):
         relabel.append((component, key, attr))
         return component
 
@@ -291,19 +339,26 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
                 d_template = L(gr.Textbox("auto", label=t("template", lang), elem_id="data-template"), "template")
             with gr.Row():
                 d_files = L(gr.Textbox(forms.DEFAULTS["data.train"], lines=3, label=t("files", lang), elem_id="data-files"), "files")
-                d_upload = L(gr.File(file_count="multiple", label=t("upload", lang), type="filepath"), "upload")
+                # uploaded files are added to the list above: one place says what is inspected
+                d_upload = L(gr.UploadButton(t("upload", lang), file_count="multiple", type="filepath", scale=0,
+                                             min_width=200, elem_id="data-upload"), "upload")
             with gr.Row():
                 d_len = L(gr.Number(1024, label=t("max_length", lang), precision=0, elem_id="data-max-length"), "max_length")
                 d_pack = L(gr.Checkbox(True, label=t("packing", lang)), "packing")
                 d_n = L(gr.Number(2, label=t("rows_shown", lang), precision=0), "rows_shown")
             d_go = L(gr.Button(t("inspect", lang), variant="primary", elem_id="data-inspect"), "inspect", "value")
+            d_view = gr.State(None)  # the last inspection, shown again when the language changes
             d_summary = gr.Markdown(elem_id="data-summary")
-            d_rejected = L(gr.Dataframe(label=t("first_rejected", lang), elem_id="data-rejected", interactive=False), "first_rejected")
-            d_error = gr.Markdown(elem_classes="vitune-error")
+            d_rejected = L(gr.Dataframe(label=t("first_rejected", lang), elem_id="data-rejected", interactive=False,
+                                        visible=False), "first_rejected")
+            d_no_rejected = gr.Markdown(elem_id="data-no-rejected")
+            d_error = gr.Markdown(elem_classes="vitune-error", elem_id="data-error")
             d_rows = gr.HighlightedText(color_map={"trained": "green"}, show_legend=False, show_inline_category=False,
                                         combine_adjacent=True, show_label=False, elem_id="data-rows")
-            d_go.click(ui.inspect, [d_model, d_template, d_files, d_upload, d_len, d_pack, d_n, lang_state],
-                       [d_summary, d_rejected, d_error, d_rows])
+            d_shown = [d_summary, d_rejected, d_no_rejected, d_error, d_rows]
+            d_upload.upload(lambda uploads, text: "\n".join([text.rstrip()] * bool(text.strip()) + list(uploads or [])),
+                            [d_upload, d_files], d_files)
+            d_go.click(ui.inspect, [d_model, d_template, d_files, d_len, d_pack, d_n, lang_state], [d_view, *d_shown])
 
         # --------------------------------------------------------- train
         with L(gr.Tab(t("tab_train", lang), id="train", elem_id="tab-train"), "tab_train"):
@@ -321,8 +376,8 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
                     field("model.template", gr.Textbox(d["model.template"], label=t("template", lang)))
                 with gr.Column():
                     # every stage of the config's table; rl's rewards are not a form field: its error says to add them
-                    field("train.stage", gr.Dropdown([(f"{s.name}: {s.summary}", s.name) for s in STAGE_INFO.values()],
-                                                     value="sft", label=t("stage", lang)))
+                    stages = lambda code: [(f"{s.name}: {_stage_summary(s, code)}", s.name) for s in STAGE_INFO.values()]  # noqa: E731
+                    L(field("train.stage", gr.Dropdown(stages(lang), value="sft", label=t("stage", lang))), stages, "choices")
                     field("method.type", gr.Radio(["lora", "qlora", "full"], value="lora", label=t("method", lang), elem_id="f-method"))
             with gr.Row():
                 field("method.lora.r", gr.Number(d["method.lora.r"], precision=0, label=t("lora_r", lang)))
@@ -367,13 +422,20 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
                 save = L(gr.Button(t("save_yaml", lang)), "save_yaml", "value")
             L(gr.Markdown(f"**{t('progress', lang)}**"), "progress", "bold")
             status = gr.Markdown(elem_id="train-status")
+            plots, no_points = [], []
             with gr.Row():
-                plots = [L(gr.LinePlot(x="step", y="value", color="series", label=t(key, lang), elem_id=f"train-{key}",
-                                       height=260), key) for key in CURVES]
+                for key in CURVES:  # points, not lines: a run that logged one step shows it
+                    with gr.Column(min_width=200):
+                        plots.append(L(gr.ScatterPlot(x="step", y="value", color="series", label=t(key, lang),
+                                                      elem_id=f"train-{key}", height=260, visible=False), key))
+                        no_points.append(gr.Markdown(t("no_points", lang, plot=t(key, lang)), elem_id=f"train-{key}-none"))
             log = L(gr.Textbox(lines=8, max_lines=12, label=t("log", lang), interactive=False, elem_id="train-log"), "log")
             form = [inputs[k] for k in forms.FIELDS]
             checked_outputs = [*(errors[k] for k in forms.FIELDS), general, estimate, advice, yaml_box]
             check.click(ui.check_form, [lang_state, device, *form], checked_outputs)
+            # the learning rate follows the method unless the user typed one
+            inputs["method.type"].change(forms.learning_rate_for, [inputs["method.type"], inputs["train.learning_rate"]],
+                                         inputs["train.learning_rate"])
             # the estimate and advice follow the form as it changes (the latest change wins)
             gr.on([c.change for c in (*form, device)], ui.check_form, [lang_state, device, *form], checked_outputs,
                   trigger_mode="always_last", show_progress="hidden")
@@ -384,7 +446,7 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
             resume.click(lambda lang, dev, *v: ui.start(lang, dev, *v, resume=True), [lang_state, device, *form], general)
             stop.click(ui.stop, lang_state, general)
             timer = gr.Timer(2.0)
-            timer.tick(ui.poll, lang_state, [status, log, *plots])
+            timer.tick(ui.poll, lang_state, [status, log, *plots, *no_points])
 
         # --------------------------------------------------------- runs
         with L(gr.Tab(t("tab_runs", lang), id="runs", elem_id="tab-runs"), "tab_runs"):
@@ -400,10 +462,10 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
                                       label=t("curve_key", lang), scale=0, min_width=220), "curve_key")
             r_plot = gr.LinePlot(x="step", y="value", color="run", height=320, elem_id="runs-plot")
             r_evals = L(gr.Dataframe(label=t("eval_results", lang), interactive=False, elem_id="runs-evals"), "eval_results")
-            r_refresh.click(ui.runs, [r_root, lang_state], [r_table, r_pick, r_evals, r_message]).then(
-                ui.overlay, [r_pick, r_key], r_plot)
-            r_pick.change(ui.overlay, [r_pick, r_key], r_plot)
-            r_key.change(ui.overlay, [r_pick, r_key], r_plot)
+            runs_shown = [r_table, r_pick, r_evals, r_message, r_plot]
+            r_refresh.click(ui.runs, [r_root, r_key, lang_state], runs_shown)
+            r_pick.input(ui.overlay, [r_pick, r_key, lang_state], r_plot)
+            r_key.change(ui.overlay, [r_pick, r_key, lang_state], r_plot)
 
         # --------------------------------------------------------- chat
         with L(gr.Tab(t("tab_chat", lang), id="chat", elem_id="tab-chat"), "tab_chat"):
@@ -422,16 +484,17 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
                 e_base = L(gr.Checkbox(False, label=t("eval_base", lang)), "eval_base")
                 e_go = L(gr.Button(t("run_eval", lang), variant="primary", elem_id="eval-run"), "run_eval", "value")
             e_message = gr.Markdown(elem_id="eval-message")
+            e_rows = gr.State([])  # the last evaluation's rows, shown again when the language changes
             e_table = gr.Dataframe(interactive=False, elem_id="eval-table")
-            e_go.click(ui.evaluate, [e_target, e_files, e_limit, e_generate, e_base, lang_state], [e_table, e_message])
+            e_go.click(ui.evaluate, [e_target, e_files, e_limit, e_generate, e_base, lang_state], [e_rows, e_table, e_message])
 
         # --------------------------------------------------------- export
         with L(gr.Tab(t("tab_export", lang), id="export", elem_id="tab-export"), "tab_export"):
             with gr.Row():
                 x_source = L(gr.Dropdown(models_here, value=models_here[0] if models_here else None, allow_custom_value=True,
                                          label=t("export_source", lang), elem_id="export-source"), "export_source")
-                x_kind = L(gr.Radio([("merge (model folder)", "merge"), ("GGUF (llama.cpp, Ollama)", "gguf")], value="gguf",
-                                    label=t("export_kind", lang)), "export_kind")
+                kinds = lambda code: [(t("export_merge", code), "merge"), (t("export_gguf", code), "gguf")]  # noqa: E731
+                x_kind = L(L(gr.Radio(kinds(lang), value="gguf", label=t("export_kind", lang)), "export_kind"), kinds, "choices")
             with gr.Row():
                 x_out = L(gr.Textbox(str(ui.root / "model.gguf"), label=t("export_out", lang), elem_id="export-out"), "export_out")
                 x_quant = L(gr.Dropdown(QUANTS, value="q8_0", label=t("quant", lang)), "quant")
@@ -443,20 +506,29 @@ def build(root: Path, lang: str = "en") -> gr.Blocks:
 
         c_refresh.click(ui.models, r_root, [c_run, e_target, x_source])
 
-        def switch(code):
-            updates = []
-            for component, key, attr in relabel:
-                text = t(key, code)
-                if attr == "title":
-                    updates.append(gr.update(value=f"## {text}"))
-                elif attr == "bold":
-                    updates.append(gr.update(value=f"**{text}**"))
-                else:
-                    updates.append(gr.update(**{attr: text}))
-            return [code, *updates]
+        components = list(dict.fromkeys(c for c, _, _ in relabel))  # a component may be registered twice
 
-        language.change(switch, language, [lang_state, *(c for c, _, _ in relabel)])
-        page.load(ui.runs, [r_root, lang_state], [r_table, r_pick, r_evals, r_message])
+        def switch(code):
+            updates: dict = {c: {} for c in components}
+            for component, key, attr in relabel:
+                text = key(code) if callable(key) else t(key, code)
+                if attr == "title":
+                    updates[component]["value"] = f"## {text}"
+                elif attr == "bold":
+                    updates[component]["value"] = f"**{text}**"
+                else:
+                    updates[component][attr] = text
+            return [code, *(gr.update(**updates[c]) for c in components)]
+
+        # what is already shown is shown again in the new language: the data inspection and the
+        # evaluation from what the page kept, the form's check and the runs by running them again
+        # (the training status follows at the next poll, within 2 s)
+        language.change(switch, language, [lang_state, *components]).then(
+            show_inspection, [d_view, lang_state], d_shown).then(
+            ui.check_form, [lang_state, device, *form], checked_outputs).then(
+            ui.runs, [r_root, r_key, lang_state], runs_shown).then(
+            lambda rows, code: table(rows, ["file", "metric", "model", "base", "difference"], code), [e_rows, lang_state], e_table)
+        page.load(ui.runs, [r_root, r_key, lang_state], runs_shown)
     page.vitune = ui  # the tests reach the server's state through it
     return page
 
@@ -472,9 +544,14 @@ def _label_key(key: str) -> str:
             "method.quantization.bits": "bits", "data.train": "files"}[key]
 
 
-def launch(root: Path, host: str, port: int, lang: str, block: bool = True):
+def _stage_summary(stage, lang: str) -> str:
+    key = f"stage {stage.name}"
+    return t(key, lang) if key in TEXT else stage.summary
+
+
+def launch(root: Path, host: str, port: int, lang: str, block: bool = True, state_dir: Path | None = None):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    page = build(root, lang)
+    page = build(root, lang, state_dir)
     page.queue(default_concurrency_limit=4)
     page.launch(server_name=host, server_port=port, prevent_thread_lock=not block, quiet=True, show_error=False,
                 css=CSS, footer_links=[], allowed_paths=[str(Path(root).resolve())])

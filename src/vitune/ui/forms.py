@@ -9,9 +9,11 @@ from typing import Optional
 
 import yaml
 
+from vitune.config import LEARNING_RATES as CONFIG_RATES
 from vitune.config import RunConfig, validate_config
 from vitune.data.sources import looks_local, resolve_files
 from vitune.errors import UserError
+from vitune.ui.text import t
 
 # every key of the form, in the order of the page; values come back from the page in this order
 FIELDS = (
@@ -26,13 +28,15 @@ INTEGERS = {"method.lora.r", "method.lora.alpha", "method.quantization.bits", "d
             "train.max_steps", "train.micro_batch_size", "train.gradient_accumulation", "train.logging_steps",
             "train.eval_steps", "train.save_steps"}
 ZERO_IS_UNSET = {"train.max_steps", "train.eval_steps", "train.save_steps"}
+# the learning rate the form starts from for each method: the config's default for it
+LEARNING_RATES = {method: rates.default for method, rates in CONFIG_RATES.items()}
 
 DEFAULTS = {
     "model.name_or_path": "runs/smollm2-135m-instruct", "model.template": "auto", "train.stage": "sft",
     "method.type": "lora", "method.lora.r": 16, "method.lora.alpha": 32, "method.lora.dropout": 0.0,
     "method.quantization.bits": 4, "data.train": "data/alpaca_vi.jsonl\ndata/sharegpt_vi.jsonl",
     "data.max_length": 1024, "data.packing": True, "data.val_size": 20, "train.epochs": 1.0,
-    "train.max_steps": 0, "train.learning_rate": 1e-3, "train.micro_batch_size": 1,
+    "train.max_steps": 0, "train.learning_rate": LEARNING_RATES["lora"], "train.micro_batch_size": 1,
     "train.gradient_accumulation": 1, "train.logging_steps": 5, "train.eval_steps": 0, "train.save_steps": 0,
     "train.output_dir": "runs/ui-run", "train.overwrite": False,
 }
@@ -98,15 +102,26 @@ def field_of(message: str) -> Optional[str]:
     return max(named, key=len) if named else None
 
 
-def check(values: dict) -> Checked:
-    """Validate as `vitune train` does, then read the model's config.json (for the estimate and
-    the context limit); every failure is one line against its field."""
+def learning_rate_for(method: str, current):
+    """The learning rate after the method changes: the new method's default when the box holds a
+    method's default (or nothing), else the rate the user typed."""
+    if current is None or current in LEARNING_RATES.values():
+        return LEARNING_RATES.get(method, current)
+    return current
+
+
+def check(values: dict, resume: bool = False) -> Checked:
+    """Validate as `vitune train` does, run its start-up checks (the output folder's rules, resume,
+    train.deepspeed / fsdp, the stage's rules: `resume` checks as the Resume button starts), then
+    read the model's config.json (for the estimate and the context limit); every failure is one
+    line against its field."""
     from vitune.models.architecture import load_model_config
     from vitune.train.guidance import check_max_length
+    from vitune.train.preflight import startup_checks
 
     raw = raw_config(values)
     if not raw.get("data", {}).get("train"):
-        return Checked(None, "data.train", "data.train: give at least one data file")
+        return Checked(None, "data.train", "data.train: give at least one data file or folder")
     for spec in raw["data"]["train"]:  # as training will read them (a local path that finds nothing fails)
         try:
             missing = looks_local(spec["path"]) and not resolve_files(spec["path"])
@@ -119,6 +134,11 @@ def check(values: dict) -> Checked:
     except UserError as exc:
         return Checked(None, field_of(str(exc)), str(exc))
     try:
+        train = {"resume": "auto", "overwrite": False} if resume else {}
+        startup_checks(config.model_copy(update={"train": config.train.model_copy(update=train)}))
+    except UserError as exc:
+        return Checked(None, field_of(str(exc)), str(exc))
+    try:
         model_config = load_model_config(config.model.name_or_path, config.model.trust_remote_code)
         check_max_length(config, model_config)
     except UserError as exc:
@@ -126,8 +146,9 @@ def check(values: dict) -> Checked:
     return Checked(config, model_config=model_config, raw=raw)
 
 
-def estimate_text(checked: Checked, device: str) -> str:
-    """The estimate of `vitune estimate` as a short Markdown table."""
+def estimate_text(checked: Checked, device: str, lang: str = "en") -> str:
+    """The estimate of `vitune estimate` as a short Markdown table in the page's language, with
+    the predicted speed as a range (a prediction, not a measurement)."""
     from vitune.models.estimate import estimate
 
     if checked.config is None or checked.model_config is None:
@@ -139,11 +160,12 @@ def estimate_text(checked: Checked, device: str) -> str:
     parts = [("base weights", r.base_weights), ("LoRA adapter", r.lora_params), ("gradients", r.gradients),
              ("optimizer states", r.optimizer_states), ("activations", r.activations),
              ("logits + loss", r.logits_loss)]
-    lines = ["| part | GiB |", "|---|---:|"] + [f"| {name} | {value:.2f} |" for name, value in parts]
-    lines.append(f"| **peak on {r.device}** | **{r.total:.2f}** |")
-    lines.append("")
-    lines.append(f"trainable {r.trainable_params:,} of {r.total_params:,} parameters; "
-                 f"predicted **{r.predicted_tokens_per_s:,.0f} tokens/s**")
+    lines = [f"| {t('est part', lang)} | GiB |", "|---|---:|"]
+    lines += [f"| {t('est ' + name, lang)} | {value:.2f} |" for name, value in parts]
+    lines.append(f"| **{t('est peak', lang, device=r.device)}** | **{r.total:.2f}** |")
+    low, high = getattr(r, "tokens_per_s_range", None) or (r.predicted_tokens_per_s,) * 2
+    speed = f"{low:,.0f}" if round(low) == round(high) else f"{low:,.0f}–{high:,.0f}"
+    lines += ["", t("est line", lang, trainable=f"{r.trainable_params:,}", total=f"{r.total_params:,}", speed=speed)]
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,17 @@ from typing import Optional
 from vitune.errors import UserError
 
 LOG_LINES = 40  # last lines of the process's output the page shows
+STATE_DIR_ENV = "VITUNE_UI_STATE_DIR"
+
+
+def default_state_dir(environ=os.environ) -> Path:
+    """Where the page keeps what it generates (the YAML of each run it starts): $VITUNE_UI_STATE_DIR,
+    else $XDG_STATE_HOME/vitune/ui, else ~/.local/state/vitune/ui; never the runs folder, which
+    holds the user's runs only."""
+    if environ.get(STATE_DIR_ENV):
+        return Path(os.path.expanduser(environ[STATE_DIR_ENV]))
+    state = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(state) / "vitune" / "ui"
 
 
 @dataclass
@@ -29,18 +41,21 @@ class TrainingJob:
     config_path: Path
     output_dir: Path
     process: subprocess.Popen
+    started: float  # epoch seconds, just before the process started
+    resuming: bool = False  # a resumed run goes on with the folder's earlier metrics
     lines: deque = field(default_factory=lambda: deque(maxlen=LOG_LINES))
     reader: Optional[threading.Thread] = None
 
     @classmethod
-    def start(cls, config_path: Path, output_dir: Path, overrides: list[str] = ()) -> "TrainingJob":
+    def start(cls, config_path: Path, output_dir: Path, overrides: list[str] = (), resuming: bool = False) -> "TrainingJob":
+        started = time.time()
         cmd = [sys.executable, "-m", "vitune", "train", str(config_path)]
         for item in overrides:
             cmd += ["--set", item]
         env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="120", NO_COLOR="1")
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, text=True, encoding="utf-8", errors="replace")
-        job = cls(Path(config_path), Path(output_dir), process)
+        job = cls(Path(config_path), Path(output_dir), process, started, resuming)
         job.reader = threading.Thread(target=job._read, daemon=True)
         job.reader.start()
         return job
@@ -78,6 +93,20 @@ class TrainingJob:
 
     def log(self) -> str:
         return "\n".join(self.lines)
+
+    def progress(self) -> Optional[dict]:
+        """This run's progress.json: None while the folder still holds the one of an earlier run."""
+        p = progress(self.output_dir)
+        if p and p.get("started", p.get("updated", 0)) < self.started and not self.resuming:
+            return None
+        return p
+
+    def curves(self) -> dict[str, list[tuple[int, float]]]:
+        """This run's curves: none while metrics.jsonl is an earlier run's (older than this start)."""
+        path = self.output_dir / "metrics.jsonl"
+        if not self.resuming and path.is_file() and path.stat().st_mtime < self.started:
+            return {}
+        return curves(self.output_dir)
 
 
 def progress(run_dir: Path) -> Optional[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import locale
 import os
+import re
 
 from vitune.errors import UserError
 
@@ -134,6 +135,87 @@ TEXT: dict[str, tuple[str, str]] = {  # key: (English, Vietnamese)
                    "Cần lệnh `{cmd}`, chưa có trong bản cài đặt này."),
     "error": ("error", "lỗi"),
     "done": ("done", "xong"),
+    # the phase of a run (progress.json's `phase`, written by train/progress.py)
+    "phase loading model": ("loading model", "đang tải mô hình"),
+    "phase preparing data": ("preparing data", "đang chuẩn bị dữ liệu"),
+    "phase measuring held-out loss": ("measuring held-out loss", "đang đo loss trên dữ liệu giữ lại"),
+    "phase training": ("training", "đang huấn luyện"),
+    "phase saving": ("saving", "đang lưu"),
+    "phase finished": ("finished", "đã xong"),
+    "phase stopped": ("stopped", "đã dừng"),
+    "phase failed": ("failed", "thất bại"),
+    "starting": ("starting", "đang khởi động"),
+    # the stages' one-line summaries in the stage picker (config.STAGE_INFO says them in English)
+    "stage sft": ("supervised fine-tuning on instructions or conversations",
+                  "tinh chỉnh có giám sát trên chỉ dẫn hoặc hội thoại"),
+    "stage pt": ("continued pretraining on raw text (text rows, .txt files)",
+                 "tiếp tục tiền huấn luyện trên văn bản thô (dòng text, tệp .txt)"),
+    "stage rm": ("a reward model trained on preference pairs", "mô hình phần thưởng học từ các cặp ưu tiên"),
+    "stage dpo": ("preference optimisation: DPO, IPO, hinge, ORPO, SimPO, KTO (the dpo section picks the loss)",
+                  "tối ưu theo ưu tiên: DPO, IPO, hinge, ORPO, SimPO, KTO (mục dpo chọn hàm mất mát)"),
+    "stage rl": ("reinforcement learning from rewards: GRPO, RLOO (the rl section)",
+                 "học tăng cường từ phần thưởng: GRPO, RLOO (mục rl)"),
+    # the estimate (vitune estimate)
+    "est part": ("part", "thành phần"),
+    "est base weights": ("base weights", "trọng số gốc"),
+    "est LoRA adapter": ("LoRA adapter", "bộ điều hợp LoRA"),
+    "est gradients": ("gradients", "các gradient"),
+    "est optimizer states": ("optimizer states", "trạng thái bộ tối ưu"),
+    "est activations": ("activations", "giá trị kích hoạt"),
+    "est logits + loss": ("logits + loss", "logits và hàm mất mát"),
+    "est peak": ("peak on {device}", "đỉnh trên {device}"),
+    "est line": ("trainable {trainable} of {total} parameters; predicted {speed} tokens/s",
+                 "huấn luyện {trainable} trên {total} tham số; dự đoán {speed} token/giây"),
+    # plots
+    "axis value": ("value", "giá trị"),
+    "axis curve": ("curve", "đường"),
+    "no_points": ("{plot}: no points yet.", "{plot}: chưa có điểm nào."),
+    # table headers (the keys of the rows the CLI's functions return) and their words
+    "col run": ("run", "lần chạy"),
+    "col evaluation": ("evaluation", "lần đánh giá"),
+    "col stage": ("stage", "giai đoạn"),
+    "col method": ("method", "phương pháp"),
+    "col model": ("model", "mô hình"),
+    "col steps": ("steps", "số bước"),
+    "col final loss": ("final loss", "loss cuối"),
+    "col held-out loss": ("held-out loss", "loss giữ lại"),
+    "col tokens/s": ("tokens/s", "token/giây"),
+    "col status": ("status", "trạng thái"),
+    "col file": ("file", "tệp"),
+    "col metric": ("metric", "chỉ số"),
+    "col base": ("base", "mô hình gốc"),
+    "col difference": ("difference", "chênh lệch"),
+    "col file:line": ("file:line", "tệp:dòng"),
+    "col reason": ("reason", "lý do"),
+    "col detail": ("detail", "chi tiết"),
+    "unfinished": ("unfinished", "chưa xong"),
+    # data tab
+    "data_template": ("template", "mẫu hội thoại"),
+    "tokenizer_template": ("the tokenizer's own chat_template", "chat_template của tokenizer"),
+    "notice": ("notice", "lưu ý"),
+    "no_rejected": ("No rejected rows.", "Không có dòng nào bị loại."),
+    # export
+    "export_merge": ("merge (model folder)", "gộp (thư mục mô hình)"),
+    "export_gguf": ("GGUF (llama.cpp, Ollama)", "GGUF (llama.cpp, Ollama)"),
+    "export_merging": ("merging {source} into {out} ...", "đang gộp {source} vào {out} ..."),
+    "export_wrote": ("wrote {out}", "đã ghi {out}"),
+    "export_wrote_gguf": ("wrote {out}: {arch}, {quant}, {mib:.1f} MiB, {tensors} tensors",
+                          "đã ghi {out}: {arch}, {quant}, {mib:.1f} MiB, {tensors} tensor"),
+    # the page's own one-line errors, and the CLI's hints that it says in its own words
+    "err_no_data": ("data.train: give at least one data file or folder",
+                    "data.train: hãy cho ít nhất một tệp hoặc thư mục dữ liệu"),
+    "err_not_found": ("data.train: file not found: {path}", "data.train: không tìm thấy tệp: {path}"),
+    "err_no_yaml": ("check the form first: there is no valid config to save",
+                    "hãy kiểm tra biểu mẫu trước: chưa có cấu hình hợp lệ để lưu"),
+    "err_yaml_name": ("give a file name such as {path}", "hãy cho một tên tệp, ví dụ {path}"),
+    "err_cannot_write": ("cannot write {path}: {reason}", "không ghi được {path}: {reason}"),
+    "err_eval_target": ("choose a run or model folder to evaluate", "hãy chọn thư mục lần chạy hoặc mô hình cần đánh giá"),
+    "err_eval_files": ("give at least one evaluation file", "hãy cho ít nhất một tệp đánh giá"),
+    "err_export_target": ("choose the source folder and where to write", "hãy chọn thư mục nguồn và nơi ghi"),
+    "err_output_dir": ("train.output_dir {path} already exists and is not empty; choose another folder or tick “{box}”",
+                       "train.output_dir {path} đã có và không trống; hãy chọn thư mục khác hoặc đánh dấu “{box}”"),
+    "hint_overwrite": ("tick “{box}”", "đánh dấu “{box}”"),
+    "hint_resume": ("press “{button}”", "bấm “{button}”"),
 }
 
 
@@ -166,3 +248,31 @@ def one_line(exc: BaseException) -> str:
 
 def error_md(message: str, lang: str) -> str:
     return f"**{t('error', lang)}:** {message}" if message else ""
+
+
+# messages of the CLI (and of forms.check) that the page says in its own words: a whole message
+# it knows, or the part of one that names a CLI flag for which the page has a control
+_OWN_WORDS = [
+    (re.compile(r"^data\.train: give at least one data file( or folder)?$"), "err_no_data"),
+    (re.compile(r"^data\.train: file not found: (?P<path>.+)$"), "err_not_found"),
+    (re.compile(r"^train\.output_dir (?P<path>.+) already exists and is not empty; choose another folder "
+                r"or set train\.overwrite: true \(e\.g\. --set train\.overwrite=true\)$"), "err_output_dir"),
+]
+_FLAGS = [
+    (re.compile(r"set train\.overwrite: true \(e\.g\. --set train\.overwrite=true\)|--set train\.overwrite=true"),
+     "hint_overwrite"),
+    (re.compile(r"vitune train CONFIG --set train\.resume=auto|--set train\.resume=auto"), "hint_resume"),
+]
+
+
+def page_words(message: str, lang: str) -> str:
+    """A one-line message as the page says it: a message it knows in the page's language, and a
+    CLI flag (--set train.overwrite=true) as the control of the page that sets it."""
+    controls = {"box": t("overwrite", lang), "button": t("resume", lang)}
+    for pattern, key in _OWN_WORDS:
+        found = pattern.match(message)
+        if found:
+            return t(key, lang, **found.groupdict(), **controls)
+    for pattern, key in _FLAGS:
+        message = pattern.sub(lambda _: t(key, lang, **controls), message)
+    return message
