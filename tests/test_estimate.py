@@ -15,7 +15,7 @@ from vitune.errors import UserError
 from vitune.models import estimate as estimate_module
 from vitune.models.architecture import read_architecture
 from vitune.models.estimate import (
-    CPU_SECONDS_PER_STEP, GIB, CpuRates, cpu_probe, cpu_step_elements, estimate, flops_per_token, nf4_bytes,
+    CPU_SECONDS_PER_LAYER, CPU_SECONDS_PER_STEP, GIB, CpuRates, cpu_probe, cpu_step_elements, estimate, flops_per_token, nf4_bytes,
     optimizer_bytes, probe_shapes,
 )
 
@@ -269,7 +269,7 @@ def test_cpu_speed_from_a_given_probe_and_its_range(method, trained, flops, monk
     # the optimizer 20 per trained weight
     per_layer = 30 * 64 + 10 * 172 + (6 * 1_156 if method == "lora" else 0) + 6 * 4 * 128
     assert elements == 256 * (2 * per_layer + 10 * 300) + 20 * trained
-    seconds = 256 * flops / 50e9 + elements * 1e-9 + CPU_SECONDS_PER_STEP
+    seconds = 256 * flops / 50e9 + elements * 1e-9 + 2 * CPU_SECONDS_PER_LAYER + CPU_SECONDS_PER_STEP
     assert e.flops_per_token == flops
     assert e.predicted_tokens_per_s == pytest.approx(256 / seconds, rel=1e-12)
     assert e.tokens_per_s_range == pytest.approx((256 / seconds / 1.3, 256 / seconds * 1.3), rel=1e-12)

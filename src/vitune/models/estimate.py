@@ -112,6 +112,10 @@ CPU_ELEMENTS_PER_SOFTCAPPED_LOGIT = 16
 CPU_ELEMENTS_PER_TRAINED_PARAM = 20
 # The Trainer's own bookkeeping per optimizer step (callbacks, logging, the data loader), seconds.
 CPU_SECONDS_PER_STEP = 0.02
+# Python and op dispatch per decoder layer and step (forward + backward, the adapters' modules),
+# seconds: what the elements above leave unexplained, fitted on 2 cores where tiny models showed it
+# (benchmarks/estimate_accuracy.py: tiny Gemma 3 trained 42% slower than the elements predicted).
+CPU_SECONDS_PER_LAYER = 0.01
 # How far a CPU prediction may miss (the machine's load changes between the probe and the run):
 # the range is the middle / (1 + x) .. middle x (1 + x).
 CPU_UNCERTAINTY = 0.3
@@ -249,10 +253,11 @@ def cpu_step_elements(arch: Architecture, tokens: int, seq: int, targets: list[L
     return tokens * (arch.layers * per_layer + logit * arch.vocab) + CPU_ELEMENTS_PER_TRAINED_PARAM * trained_params
 
 
-def cpu_step_seconds(flops: float, elements: float, tokens: int, rates: CpuRates) -> float:
+def cpu_step_seconds(flops: float, elements: float, tokens: int, rates: CpuRates, layers: int = 0) -> float:
     """One step on the CPU: its matmuls at the probe's FLOP/s, its elementwise work at the probe's
-    seconds per element, and the Trainer's bookkeeping."""
-    return tokens * flops / rates.matmul_flops + elements * rates.element_seconds + CPU_SECONDS_PER_STEP
+    seconds per element, the dispatch of each layer's ops and the Trainer's bookkeeping."""
+    return (tokens * flops / rates.matmul_flops + elements * rates.element_seconds
+            + CPU_SECONDS_PER_LAYER * layers + CPU_SECONDS_PER_STEP)
 
 
 def cpu_range(middle: float) -> tuple[float, float]:
@@ -516,7 +521,7 @@ def estimate(run_config: RunConfig, model_config: Any, device: str = "H100", cpu
             cpu_rates = cpu_probe(shapes, rows, dtype, weight_gradients=full)
         trained = total_params if full else trainable + saved_params
         elements = cpu_step_elements(arch, tokens, seq, targets, trained, softcapped, bool(train.gradient_checkpointing))
-        middle = tokens / cpu_step_seconds(flops, elements, tokens, cpu_rates)
+        middle = tokens / cpu_step_seconds(flops, elements, tokens, cpu_rates, arch.layers)
         speed_range, probed = cpu_range(middle), cpu_rates.matmul_flops
         matmul_share = tokens * flops / cpu_rates.matmul_flops / (tokens / middle)
         notes.append(
