@@ -16,7 +16,7 @@ from vitune.models import gguf
 from vitune.models.permissions import umask_modes
 from vitune.models.vocab import extend_vocabulary
 
-from conftest import ROOT, train_run
+from conftest import ROOT, train_run, write_config
 
 
 @pytest.fixture(autouse=True)
@@ -91,3 +91,22 @@ def test_a_tiny_model_folder_is_755_with_644_files(tmp_path):
     out = init_tiny_model("llama", tmp_path / "tiny", seed=0)
     assert modes(out) == expected(out)
     assert modes(out)["model.safetensors"] == "0o644"
+
+
+def test_a_checkpoint_saved_while_training_is_755_with_644_files(tiny_llama, tmp_path, monkeypatch):
+    """A run stopped after a checkpoint never reaches the final save, which fixes the whole folder:
+    the checkpoint must be right on its own (the final save's fix is switched off here)."""
+    from vitune.cli import main
+    from vitune.train import sharding
+
+    monkeypatch.setattr(sharding, "umask_modes", lambda path: None)
+    out = tmp_path / "run"
+    config = write_config(
+        tmp_path / "run.yaml", model={"name_or_path": str(tiny_llama)}, method={"type": "lora"},
+        data={"train": [{"path": str(ROOT / "data" / "alpaca_vi.jsonl"), "max_samples": 8}], "max_length": 128},
+        train={"max_steps": 1, "save_steps": 1, "micro_batch_size": 4, "output_dir": str(out), "report_to": ["none"]},
+    )
+    assert main(["train", str(config)]) == 0
+    checkpoint = out / "checkpoint-1"
+    assert modes(checkpoint) == expected(checkpoint)
+    assert modes(checkpoint)["adapter_model.safetensors"] == "0o644"

@@ -15,6 +15,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vitune.models.chunked_loss import causal_lm_loss
+from vitune.models.permissions import umask_modes
 from vitune.eval.plot import TASK_PREFIX  # eval/<file>/<figure>: evaluations while training (train/evaluation.py)
 from vitune.train.checkpoint import STAGING, checkpoint_save_failed, disk_failure, write_marker
 from vitune.train.shares import ExactSharesMixin
@@ -192,6 +193,7 @@ class VituneTrainerMixin:
                 staged = staging / name
                 if self.checkpoint_marker is not None:
                     write_marker(staged, *self.checkpoint_marker)
+                umask_modes(staged)  # safetensors writes 0600: a checkpoint is read by whoever the umask allows
                 final = Path(run_dir) / name
                 if final.exists():
                     shutil.rmtree(final)
