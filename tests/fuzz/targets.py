@@ -384,7 +384,7 @@ def run_ui_inspect(case, ws: Workspace) -> Outcome:
     (name, contents), lang = case
     path = ws.write(name, contents)
     outcome = ui_outcome("ui-inspect", lambda: Ui(ws.root, lang).inspect(
-        str(ws.world.model), "auto", str(path), None, 256, True, 2, lang))
+        str(ws.world.model), "auto", str(path), 256, True, 2, lang))
     return outcome
 
 
