@@ -169,17 +169,22 @@ def test_the_learning_rate_follows_the_method_until_the_user_types_one(page):
     assert float(rate.input_value()) == 5e-4
 
 
+def evaluate_on_page(page, run: Path, limit: int, saved: str) -> None:
+    """Evaluate `run` on `limit` VMLU rows from the open Evaluate tab; wait for the message naming `saved`."""
+    page.locator("#eval-target input").fill(rel(run))
+    page.locator("#eval-target input").press("Enter")
+    page.locator("#eval-files textarea").fill("data/vmlu_vi.jsonl")
+    page.locator("#eval-limit input").fill(str(limit))
+    page.locator("#eval-run").click()
+    page.locator("#eval-message").get_by_text(saved).wait_for(timeout=120_000)
+
+
 def test_eval_tab_shows_the_figures_it_saves_in_eval_json(page, root):
     run = root / "ui-run"
     if not (run / "summary.json").is_file():
         pytest.skip("needs the run of the training test")
     page.get_by_role("tab", name="Evaluate").click()
-    page.locator("#eval-target input").fill(rel(run))
-    page.locator("#eval-target input").press("Enter")
-    page.locator("#eval-files textarea").fill("data/vmlu_vi.jsonl")
-    page.locator("#eval-limit input").fill("8")
-    page.locator("#eval-run").click()
-    page.locator("#eval-message").get_by_text("eval.json").wait_for(timeout=120_000)
+    evaluate_on_page(page, run, limit=8, saved="eval.json")
     result = json.loads((run / "eval.json").read_text(encoding="utf-8"))
     from vitune.eval.report import headline
 
@@ -260,12 +265,7 @@ def test_every_tab_in_vietnamese_shows_no_english_of_the_page(page, root):
 
     page.get_by_role("tab", name="Đánh giá").click()
     if (run / "summary.json").is_file():
-        page.locator("#eval-target input").fill(rel(run))
-        page.locator("#eval-target input").press("Enter")
-        page.locator("#eval-files textarea").fill("data/vmlu_vi.jsonl")
-        page.locator("#eval-limit input").fill("2")
-        page.locator("#eval-run").click()
-        page.locator("#eval-message").get_by_text("Đã lưu").wait_for(timeout=120_000)
+        evaluate_on_page(page, run, limit=2, saved="Đã lưu")
         expect(page.locator("#eval-table")).to_contain_text("chỉ số")
     else:
         page.locator("#eval-files textarea").fill("")
