@@ -35,11 +35,10 @@ from typing import Callable, Optional
 
 import torch
 
+from vitune.models.kv_cache import attention_windows, check_paddable, drop_columns, keep_rows, pad_left, prefill_cache
 from vitune.models.loading import cache_keyword
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
-# the layer kinds (transformers' `layer_types`) whose keys a left-padded cache can hold, one per column
-PADDABLE = ("full_attention", "sliding_attention")
 
 
 class QueueFull(Exception):
@@ -188,13 +187,7 @@ class Engine:
             return self.model(input_ids=input_ids, use_cache=True, **kwargs)
 
     def _new_cache(self) -> dict:
-        """The forward's cache argument for a prefill: none (the model's own, all full layers), or one
-        that keeps every key of every layer, sliding ones too (the module's docstring says why)."""
-        if not any(w is not None for w in self.windows):
-            return {}
-        from transformers import DynamicCache
-
-        return {self.cache_keyword: DynamicCache()}
+        return prefill_cache(self.windows, self.cache_keyword)
 
     def _prefill(self, request: Request) -> None:
         """Run one new prompt alone (exactly as `generate` would), sample its first token, add it to the batch."""
@@ -202,7 +195,7 @@ class Engine:
         echo = request.sampling.echo and request.sampling.logprobs is not None
         out = self._forward(ids, [request.adapter], logits_to_keep=0 if echo else 1, **self._new_cache())
         if request.sampling.max_new_tokens > 1:  # it will join the batch: refused before any token is sent
-            self._check_cache(getattr(out, self.cache_keyword))
+            check_paddable(getattr(out, self.cache_keyword))
         logits = out.logits[0].float()
         first = Delta()
         if echo:
@@ -229,7 +222,7 @@ class Engine:
         out = self._forward(ids, [r.adapter for r in requests], attention_mask=mask,
                             position_ids=(mask.cumsum(1) - 1).clamp(min=0), logits_to_keep=1, **self._new_cache())
         if any(r.sampling.max_new_tokens > 1 for r in requests):
-            self._check_cache(getattr(out, self.cache_keyword))
+            check_paddable(getattr(out, self.cache_keyword))
         logits = out.logits[:, -1].float()
         going = []
         for i, r in enumerate(requests):
@@ -241,8 +234,7 @@ class Engine:
             return
         cache = getattr(out, self.cache_keyword)
         index = torch.tensor(going, device=self.device)
-        for layer in cache.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        keep_rows(cache, index)
         self._join([requests[i] for i in going], cache, mask[index], [len(requests[i].prompt_ids) for i in going])
 
     def _join(self, requests: list[Request], cache, mask: torch.Tensor, lengths: list[int]) -> None:
@@ -252,8 +244,8 @@ class Engine:
             self.rows, self.cache, self.mask = list(requests), cache, mask
         else:
             width = max(self.mask.shape[1], mask.shape[1])
-            self._pad_left(self.cache, width - self.mask.shape[1])
-            self._pad_left(cache, width - mask.shape[1])
+            pad_left(self.cache, width - self.mask.shape[1])
+            pad_left(cache, width - mask.shape[1])
             for mine, theirs in zip(self.cache.layers, cache.layers):
                 mine.keys = torch.cat([mine.keys, theirs.keys])
                 mine.values = torch.cat([mine.values, theirs.values])
@@ -293,33 +285,14 @@ class Engine:
         index = torch.tensor(keep, device=self.device)
         self.rows = [self.rows[i] for i in keep]
         self.mask, self.positions = self.mask[index], self.positions[index]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        keep_rows(self.cache, index)
         # columns that are padding in every remaining row (the longest prompt left) are dropped
         self._drop_left(int((self.mask.sum(0) > 0).nonzero()[0]))
 
     def _drop_left(self, columns: int) -> None:
         """Drop the oldest `columns` columns of every row: of the mask and of every layer's keys and values."""
         self.mask = self.mask[:, columns:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, columns:], layer.values[:, :, columns:]
-
-    @staticmethod
-    def _pad_left(cache, columns: int) -> None:
-        if columns:
-            for layer in cache.layers:
-                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, columns, 0))
-                layer.values = torch.nn.functional.pad(layer.values, (0, 0, columns, 0))
-
-    @staticmethod
-    def _check_cache(cache) -> None:
-        from transformers.cache_utils import DynamicLayer
-
-        # any other layer (linear-attention states, quantized keys, a sliding layer that keeps only its
-        # window) cannot be left-padded: padded, it is not the same model
-        kinds = sorted({type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer})
-        if kinds:
-            raise RuntimeError(f"this model's cache layers ({', '.join(kinds)}) cannot be batched by vitune serve")
+        drop_columns(self.cache, columns)
 
     # ------------------------------------------------------------ sampling and text
 
@@ -367,22 +340,6 @@ class Engine:
         entries = [{"token": self._token_text(ids[0]), "logprob": None, "top": None}]
         entries += [self._logprob_entry(logprobs[i], ids[i + 1], k) for i in range(len(ids) - 1)]
         return entries
-
-
-def attention_windows(model) -> list[Optional[int]]:
-    """Each layer's sliding window (None: the layer sees every earlier token), as transformers lays out
-    the model's cache (`get_layer_types_and_kwargs`, what `DynamicCache(config=...)` builds). Empty
-    when some layer is of a kind a padded cache cannot hold (linear or chunked attention): the model
-    then prefills into its own cache, which `_check_cache` refuses."""
-    config = getattr(model, "config", None)
-    if config is None:  # not a transformers model
-        return []
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-    if any(t not in PADDABLE for t in types):
-        return []
-    return [k.get("sliding_window") if t == "sliding_attention" else None for t, k in zip(types, kwargs)]
 
 
 def sample(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator] = None) -> int:
