@@ -126,6 +126,29 @@ class RlTrainerMixin(VituneTrainerMixin):
         # vitune's template already wrote the BOS (if the model has one): add no special tokens
         return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
 
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, *args, **kwargs):
+        """Rollouts through vitune.train.rollouts.sample_completions instead of TRL's left-padded
+        `generate` (several times the tokens/s: that module's docstring has the figures) -> what TRL's
+        regular path returns: GRPO (completion ids, None), RLOO the ids; each ends at its first eos,
+        included. Row i is seeded from (train seed, step, process, train/eval, i), so a resumed run draws
+        the same completions. TRL's own path where it samples otherwise: vLLM, continuous batching,
+        images, min_p, a repetition penalty or extra generation_kwargs."""
+        config = self.generation_config
+        if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
+                or config.min_p is not None or config.repetition_penalty not in (None, 1.0) or self.args.generation_kwargs):
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
+        from vitune.train.rollouts import row_seeds, sample_completions
+
+        model = self.accelerator.unwrap_model(self.model)
+        seeds = row_seeds(self.args.seed, self.state.global_step, self.accelerator.process_index, int(model.training),
+                          rows=len(prompt_ids))
+        completions = sample_completions(
+            model, prompt_ids, seeds, max_new_tokens=config.max_new_tokens, eos_ids=list(self.eos_token_ids),
+            pad_id=self._tokenizer.pad_token_id, temperature=config.temperature, top_p=config.top_p,
+            top_k=config.top_k or 0)
+        # GRPOTrainer's path also returns the sampler's log-probs (vLLM's; none here), RLOOTrainer's does not
+        return (completions, None) if isinstance(self, GRPOTrainer) else completions
+
     def _row_lengths(self, inputs: dict) -> tuple[torch.Tensor, int]:
         lengths = inputs["prompt_mask"].sum(dim=1) + inputs["completion_mask"].sum(dim=1)
         return lengths, inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
