@@ -126,7 +126,7 @@ def test_a_training_process_that_dies_shows_its_last_lines_and_exit_code(tiny_ll
     assert status.startswith("**failed (exit code 2)**")
     last = log.splitlines()[-1]
     assert last.startswith("error: ") and f"{bad}:1" in last and "Traceback" not in log
-    assert [p["visible"] for p in plots[:4]] == [False] * 4 and plots[4] == "Loss: no points yet."
+    assert [p["visible"] for p in plots[:6]] == [False] * 6 and plots[6] == "Loss: no points yet."
 
 
 def test_two_runs_into_one_folder_are_refused(tiny_llama, tmp_path, monkeypatch):
@@ -324,9 +324,10 @@ def test_the_status_shows_the_phase_and_ignores_an_earlier_runs_files(tmp_path):
     try:
         status, log, *plots = ui.poll("en")
         assert status == f"**running** · **starting** · `{out}`"  # not the earlier run's step 3 / 3
-        assert [p["visible"] for p in plots[:4]] == [False] * 4
-        assert plots[4:] == ["Loss: no points yet.", "Learning rate: no points yet.", "Tokens/s: no points yet.",
-                             "Accuracy and margin (rm, dpo): no points yet."]
+        assert [p["visible"] for p in plots[:6]] == [False] * 6
+        assert plots[6:] == ["Loss: no points yet.", "Learning rate: no points yet.", "Tokens/s: no points yet.",
+                             "Accuracy and margin (rm, dpo): no points yet.", "Mean reward (rl): no points yet.",
+                             "KL to the reference (rl): no points yet."]
         (out / "progress.json").write_text(json.dumps({"phase": "loading model", "started": time.time()}))
         assert ui.poll("vi")[0] == f"**đang chạy** · **đang tải mô hình** · `{out}`"
         (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5, "learning_rate": 0.0002}\n')
@@ -334,10 +335,31 @@ def test_the_status_shows_the_phase_and_ignores_an_earlier_runs_files(tmp_path):
         assert plots[0]["value"].to_dict("records") == [{"step": 1, "value": 2.5, "series": "loss"}]
         assert (plots[0]["visible"], plots[0]["x_title"], plots[0]["y_title"], plots[0]["color_title"]) == (
             True, "bước", "giá trị", "đường")
-        assert plots[4:] == ["", "", "Token/giây: chưa có điểm nào.", "Độ chính xác và biên (rm, dpo): chưa có điểm nào."]
+        assert plots[6:] == ["", "", "Token/giây: chưa có điểm nào.", "Độ chính xác và biên (rm, dpo): chưa có điểm nào.",
+                             "Phần thưởng trung bình (rl): chưa có điểm nào.",
+                             "KL so với mô hình tham chiếu (rl): chưa có điểm nào."]
     finally:
         process.kill()
         process.wait()
+
+
+def test_an_rl_run_shows_its_reward_and_kl_curves_and_ppos_value_loss():
+    from vitune.ui.app import _plots
+
+    found = {"reward": [(1, 0.25), (2, 0.5)], "eval_reward": [(0, 0.1), (2, 0.4)], "kl": [(1, 0.0), (2, 0.03)],
+             "loss": [(1, 1.5)], "value_loss": [(1, 0.7)]}
+    plots = _plots(found, "en")
+    loss, reward, kl = plots[0], plots[4], plots[5]
+    assert loss["value"].to_dict("records") == [{"step": 1, "value": 1.5, "series": "loss"},
+                                                {"step": 1, "value": 0.7, "series": "value_loss"}]
+    assert reward["value"].to_dict("records") == [
+        {"step": 1, "value": 0.25, "series": "reward"}, {"step": 2, "value": 0.5, "series": "reward"},
+        {"step": 0, "value": 0.1, "series": "eval_reward"}, {"step": 2, "value": 0.4, "series": "eval_reward"}]
+    assert (reward["visible"], reward["colors_in_legend"]) == (True, ["reward", "eval_reward"])
+    assert kl["value"].to_dict("records") == [{"step": 1, "value": 0.0, "series": "kl"},
+                                              {"step": 2, "value": 0.03, "series": "kl"}]
+    assert plots[6:] == ["", "Learning rate: no points yet.", "Tokens/s: no points yet.",
+                         "Accuracy and margin (rm, dpo): no points yet.", "", ""]
 
 
 def test_tables_and_the_data_summary_are_in_the_page_language(tmp_path):

@@ -27,10 +27,12 @@ CSS = ".vitune-error {color: #b91c1c; font-weight: 600} .vitune-error p {margin:
 DEVICES = ["CPU", "T4", "L4", "RTX4090", "A100", "H100", "H200"]
 QUANTS = ["f16", "bf16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]
 CURVES = {  # plot: the metrics.jsonl keys it draws
-    "plot_loss": ("loss", "eval_loss"),
+    "plot_loss": ("loss", "eval_loss", "value_loss"),  # value_loss: PPO's value head
     "plot_lr": ("learning_rate",),
     "plot_speed": ("tokens_per_s",),
     "plot_reward": ("rewards/accuracy", "rewards/margin", "eval_rewards/accuracy", "eval_rewards/margin"),
+    "plot_rl_reward": ("reward", "eval_reward"),  # rl: the mean reward of the step's / held-out completions
+    "plot_kl": ("kl", "eval_kl"),  # rl: how far the policy moved from its reference
 }
 
 
@@ -458,7 +460,8 @@ def build(root: Path, lang: str = "en", state_dir: Path | None = None) -> gr.Blo
             with gr.Row():
                 r_pick = L(gr.Dropdown([], multiselect=True, label=t("compare_runs", lang), elem_id="runs-pick"), "compare_runs")
                 r_key = L(gr.Dropdown(["loss", "eval_loss", "learning_rate", "tokens_per_s", "grad_norm",
-                                       "rewards/accuracy", "eval_rewards/accuracy"], value="loss",
+                                       "rewards/accuracy", "eval_rewards/accuracy", "reward", "eval_reward", "kl",
+                                       "value_loss"], value="loss",
                                       label=t("curve_key", lang), scale=0, min_width=220), "curve_key")
             r_plot = gr.LinePlot(x="step", y="value", color="run", height=320, elem_id="runs-plot")
             r_evals = L(gr.Dataframe(label=t("eval_results", lang), interactive=False, elem_id="runs-evals"), "eval_results")

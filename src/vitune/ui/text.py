@@ -65,6 +65,8 @@ TEXT: dict[str, tuple[str, str]] = {  # key: (English, Vietnamese)
     "plot_lr": ("Learning rate", "Tốc độ học"),
     "plot_speed": ("Tokens/s", "Token/giây"),
     "plot_reward": ("Accuracy and margin (rm, dpo)", "Độ chính xác và biên (rm, dpo)"),
+    "plot_rl_reward": ("Mean reward (rl)", "Phần thưởng trung bình (rl)"),
+    "plot_kl": ("KL to the reference (rl)", "KL so với mô hình tham chiếu (rl)"),
     # runs
     "refresh": ("Refresh", "Làm mới"),
     "runs_table": ("Runs", "Các lần chạy"),
@@ -153,8 +155,8 @@ TEXT: dict[str, tuple[str, str]] = {  # key: (English, Vietnamese)
     "stage rm": ("a reward model trained on preference pairs", "mô hình phần thưởng học từ các cặp ưu tiên"),
     "stage dpo": ("preference optimisation: DPO, IPO, hinge, ORPO, SimPO, KTO (the dpo section picks the loss)",
                   "tối ưu theo ưu tiên: DPO, IPO, hinge, ORPO, SimPO, KTO (mục dpo chọn hàm mất mát)"),
-    "stage rl": ("reinforcement learning from rewards: GRPO, RLOO (the rl section)",
-                 "học tăng cường từ phần thưởng: GRPO, RLOO (mục rl)"),
+    "stage rl": ("reinforcement learning from rewards: GRPO, RLOO, PPO (the rl section)",
+                 "học tăng cường từ phần thưởng: GRPO, RLOO, PPO (mục rl)"),
     # the estimate (vitune estimate)
     "est part": ("part", "thành phần"),
     "est base weights": ("base weights", "trọng số gốc"),
