@@ -369,3 +369,48 @@ def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_llama, tmp_path, 
         r["reward"] for r in records(reference) if r["step"] > after]
     a, b = load_file(out / "adapter_model.safetensors"), load_file(reference / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+# ---------------------------------------------------------------- GRPO's variants
+
+
+def grpo_trainer(tmp_path: Path, model: Path, **rl):
+    """TRL's trainer as the runner builds it for this rl section (no training)."""
+    from rich.console import Console
+
+    from vitune.config import load_config
+    from vitune.train.arguments import plan_speed
+    from vitune.train.runner import prepare_run
+
+    out = tmp_path / "variant"
+    config = load_config(rl_config(tmp_path, model, out, rl=rl))
+    prepared = prepare_run(config, Console(quiet=True))
+    stage = prepared.stage
+    model = stage.adapt_model(stage.load_model(config, prepared.tokenizer), config, False)
+    plan = plan_speed(config, model, stage)
+    batches = stage.batches(config, plan, prepared.train_rows, [], prepared.tokenizer.pad_token_id, None)
+    return stage.make_trainer(config, prepared, model=model,
+                              args=stage.training_arguments(config, prepared, out, plan, has_eval=False),
+                              train_dataset=batches.train, eval_dataset=None, data_collator=None,
+                              processing_class=prepared.tokenizer, callbacks=[])
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo"])
+def test_each_grpo_loss_type_reaches_trls_trainer(loss_type, tiny_llama, tmp_path, rewards_module):
+    trainer = grpo_trainer(tmp_path, tiny_llama, loss_type=loss_type)
+    assert trainer.args.loss_type == trainer.loss_type == loss_type
+    assert trainer.importance_sampling_level == "token"
+
+
+def test_gspo_is_sequence_level_importance_sampling_and_the_default_loss_is_trls(tiny_llama, tmp_path, rewards_module):
+    trainer = grpo_trainer(tmp_path, tiny_llama, importance_sampling_level="sequence", loss_type="grpo")
+    assert (trainer.importance_sampling_level, trainer.loss_type) == ("sequence", "grpo")
+    from trl import GRPOConfig
+
+    assert grpo_trainer(tmp_path, tiny_llama).loss_type == GRPOConfig("x", use_cpu=True, bf16=False).loss_type == "dapo"
+
+
+def test_an_unknown_loss_type_is_one_line(tiny_llama, tmp_path, rewards_module, capsys):
+    assert main(["train", str(rl_config(tmp_path, tiny_llama, tmp_path / "bad", rl={"loss_type": "ppo"}))]) == 2
+    error = error_of(capsys)
+    assert error.startswith("error: ") and "rl.loss_type" in error and "dr_grpo" in error and len(error.splitlines()) == 1

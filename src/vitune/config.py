@@ -216,7 +216,7 @@ STAGE_INFO: dict[str, StageInfo] = {s.name: s for s in (
     StageInfo("rm", "a reward model trained on preference pairs", language_model=False),
     StageInfo("dpo", "preference optimisation: DPO, IPO, hinge, ORPO, SimPO, KTO (the dpo section picks the loss)",
               section="dpo"),
-    StageInfo("rl", "reinforcement learning from rewards: GRPO, RLOO (the rl section)", section="rl",
+    StageInfo("rl", "reinforcement learning from rewards: GRPO, RLOO, PPO (the rl section)", section="rl",
               section_required="at least one reward, e.g. rl: {rewards: [{function: examples.rewards:vietnamese}]}"),
 )}
 StageName = Literal[tuple(STAGE_INFO)]
@@ -332,15 +332,58 @@ class RewardSource(Section):
         return self
 
 
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo", "bnpo", "cispo", "sapo")
+# the rl keys one algorithm reads; given with another algorithm they are an error, not ignored
+PPO_KEYS = ("ppo_epochs", "num_mini_batches", "cliprange", "cliprange_value", "vf_coef", "gamma", "lam",
+            "kl_estimator", "target_kl")
+GRPO_KEYS = ("loss_type", "importance_sampling_level")
+
+
 class RlConfig(Section):
-    algorithm: Literal["grpo", "rloo"] = Field("grpo", description="grpo: GRPO (Shao et al. 2024); rloo: RLOO "
-                                               "(Ahmadian et al. 2024); both through TRL.")
+    algorithm: Literal["grpo", "rloo", "ppo"] = Field(
+        "grpo", description="grpo: GRPO (Shao et al. 2024) and rloo: RLOO (Ahmadian et al. 2024), both through TRL; "
+        "ppo: classic PPO with a value head, GAE and a per-token KL penalty (InstructGPT's RLHF step), vitune's own.")
     rewards: list[RewardSource] = Field(min_length=1, description="Rewards, summed with their weights.")
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    num_generations: int = Field(4, ge=1, description="Completions sampled per prompt (grpo and rloo compare them "
+                                 "within the group: at least 2; ppo: any).")
     max_completion_length: int = Field(128, gt=0)
     beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the reference model (0: none, and no "
-                        "reference forward).")
+                        "reference forward). ppo: per token, in the reward.")
     temperature: float = Field(1.0, gt=0)
+    # grpo: the loss's variant (TRL's GRPOConfig)
+    loss_type: Optional[Literal[GRPO_LOSSES]] = Field(
+        None, description="grpo: how token losses are averaged. grpo: per completion, then over completions (length "
+        "bias); dr_grpo: divided by a constant (max_completion_length); dapo: over every token of the step (TRL's "
+        "default); bnpo: over the tokens of each micro-batch; cispo: clips the importance weights, not the update; "
+        "sapo: a soft gate instead of the hard clip. Unset: TRL's default (dapo).")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token", description="grpo: token = one importance ratio per token (GRPO); sequence = one per completion, the "
+        "mean of its tokens' log-ratios (GSPO, Zheng et al. 2025; pair it with loss_type: grpo).")
+    # ppo
+    ppo_epochs: int = Field(4, ge=1, description="ppo: passes over each rollout batch.")
+    num_mini_batches: int = Field(1, ge=1, description="ppo: optimizer updates per pass; each takes this fraction "
+                                  "of the rollout batch (train.micro_batch_size must be a multiple).")
+    cliprange: float = Field(0.2, gt=0, description="ppo: the policy ratio's clip range (epsilon).")
+    cliprange_value: float = Field(0.2, gt=0, description="ppo: the value prediction's clip range around the "
+                                   "rollout's value.")
+    vf_coef: float = Field(0.1, ge=0, description="ppo: weight of the value loss beside the policy loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="ppo: discount per token.")
+    lam: float = Field(0.95, ge=0, le=1, description="ppo: GAE's lambda (1: Monte-Carlo returns, 0: one-step TD).")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="ppo: the per-token KL penalty's estimator: k1 = "
+                                              "log pi - log ref (InstructGPT); k3 = never negative, lower variance.")
+    target_kl: Optional[float] = Field(None, gt=0, description="ppo: stop a rollout's updates early once the mean "
+                                       "KL between the policy and the rollout's policy exceeds this (unset: never).")
+
+    @model_validator(mode="after")
+    def _algorithm_keys(self) -> "RlConfig":
+        own = {"ppo": PPO_KEYS, "grpo": GRPO_KEYS, "rloo": ()}[self.algorithm]
+        for key in sorted(self.model_fields_set & set(PPO_KEYS + GRPO_KEYS) - set(own)):
+            users = "ppo" if key in PPO_KEYS else "grpo"
+            raise ValueError(f"rl.{key} is only used with rl.algorithm: {users} (this run is {self.algorithm})")
+        if self.algorithm != "ppo" and self.num_generations < 2:
+            raise ValueError(f"rl.num_generations = {self.num_generations}: {self.algorithm} compares each prompt's "
+                             "completions with each other; give at least 2")
+        return self
 
 
 # ---------------------------------------------------------------- evaluation while training

@@ -4,7 +4,7 @@
     pt   stages/pt.py   continued pretraining on raw text (streamed or not)
     rm   stages/rm.py   a reward model on preference pairs
     dpo  stages/dpo.py  preference optimisation (DPO, IPO, hinge, ORPO, SimPO, KTO)
-    rl   stages/rl.py   reinforcement learning from rewards (TRL's GRPO, RLOO)
+    rl   stages/rl.py   reinforcement learning from rewards (TRL's GRPO, RLOO; PPO in train/ppo.py)
 
 Each is a `vitune.train.stage.Stage` run by the shared runner (vitune.train.runner). The names,
 their one-line summaries and their own config sections are the config's stage table

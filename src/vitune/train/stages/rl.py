@@ -1,4 +1,5 @@
-"""Stage rl: reinforcement learning from rewards (GRPO or RLOO) through TRL, on the shared runner.
+"""Stage rl: reinforcement learning from rewards -- GRPO or RLOO through TRL, or classic PPO with a
+value head (vitune.train.ppo) -- on the shared runner.
 
 Its own parts:
 - data: prompts from any SFT data (alpaca, sharegpt, messages); the answer a row ends with is
@@ -22,9 +23,9 @@ Batch sizes count completions: one optimizer step takes micro_batch_size x gradi
 x processes completions, i.e. that number / num_generations prompts, so it must be a multiple of
 num_generations.
 
-Classic PPO (a learned value head and per-token advantages) would be a third `rl.algorithm`:
-a trainer here whose model carries a value head (`load_model`), generating inside its own loop
-as these do; nothing else in the stage changes.
+`rl.algorithm: ppo` takes the same prompts, rewards and batch sizes to vitune.train.ppo's trainer
+(a value head, GAE, the clipped losses); the prompts of a step are its rollout, each repeated
+rl.num_generations times.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import TrainingArguments
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from vitune.config import RunConfig
@@ -42,12 +44,12 @@ from vitune.data.records import Conversation, Rejection
 from vitune.data.templates import TemplateRefused, stop_token_ids
 from vitune.errors import ConfigError, DataError
 from vitune.train.arguments import training_arguments
+from vitune.train.ppo import PPO_METRICS, REFERENCE_ADAPTER, VitunePPOTrainer, attach_value_head, reference_adapter_hidden
 from vitune.train.reward_functions import check_rewards, conversation_json, load_rewards
 from vitune.train.sharding import process_state
 from vitune.train.stage import Batches, Stage
 from vitune.train.trainer import VituneTrainerMixin
 
-REFERENCE_ADAPTER = "ref"  # the name TRL gives its frozen copy of the starting adapter
 TRL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
                "completions/clipped_ratio")
 
@@ -154,13 +156,8 @@ class RlTrainerMixin(VituneTrainerMixin):
         return lengths, inputs["prompt_ids"].numel() + inputs["completion_ids"].numel()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        adapters = getattr(self.accelerator.unwrap_model(self.model), "peft_config", None)
-        reference = adapters.pop(REFERENCE_ADAPTER, None) if adapters else None
-        try:
+        with reference_adapter_hidden(self.accelerator.unwrap_model(self.model)):
             super()._save(output_dir, state_dict)
-        finally:
-            if reference is not None:
-                adapters[REFERENCE_ADAPTER] = reference
 
 
 class VituneGRPOTrainer(RlTrainerMixin, GRPOTrainer):
@@ -171,7 +168,26 @@ class VituneRLOOTrainer(RlTrainerMixin, RLOOTrainer):
     """TRL's RLOO (leave-one-out baseline) with vitune's telemetry and checkpoints."""
 
 
-ALGORITHMS = {"grpo": (GRPOConfig, VituneGRPOTrainer), "rloo": (RLOOConfig, VituneRLOOTrainer)}
+ALGORITHMS = {"grpo": (GRPOConfig, VituneGRPOTrainer), "rloo": (RLOOConfig, VituneRLOOTrainer),
+              "ppo": (TrainingArguments, VitunePPOTrainer)}
+
+
+def collate_prompts(rows: list[dict]) -> dict:
+    """PPO's micro-batch: the prompt rows as they are (the trainer samples and tokenises)."""
+    return {"rows": rows}
+
+
+def check_ppo(config: RunConfig, processes: int) -> None:
+    """What rl.algorithm: ppo needs of the run's other settings."""
+    rl, t = config.rl, config.train
+    if t.deepspeed or t.fsdp:
+        raise ConfigError(f"rl.algorithm: ppo steps the optimizer several times per step, which DeepSpeed's engine and "
+                          f"FSDP are not set up for here; remove train.{'deepspeed' if t.deepspeed else 'fsdp'} "
+                          "(PPO scales out over plain processes: vitune train --nproc N)")
+    if t.micro_batch_size % rl.num_mini_batches:
+        raise ConfigError(f"rl.num_mini_batches {rl.num_mini_batches} must divide train.micro_batch_size "
+                          f"{t.micro_batch_size} (each update takes that share of every micro-batch); set "
+                          f"train.micro_batch_size to {rl.num_mini_batches * max(1, t.micro_batch_size // rl.num_mini_batches)}")
 
 
 # ---------------------------------------------------------------- stage
@@ -189,6 +205,9 @@ class RlStage(Stage):
         super().check(config)
         check_rewards(config.rl.rewards)
         processes = process_state().num_processes
+        if config.rl.algorithm == "ppo":
+            check_ppo(config, processes)
+            return
         check_group_size(config, processes)
         if (config.data.eval or config.data.val_size) and (config.train.micro_batch_size * processes) % config.rl.num_generations:
             raise ConfigError(
@@ -199,7 +218,8 @@ class RlStage(Stage):
     def metrics_of(self, config: RunConfig) -> tuple[str, ...]:
         # TRL logs each reward's mean as rewards/<name>/mean (names as reward_functions.py gives them)
         names = [r.function.partition(":")[2] if r.function else Path(r.model).name for r in config.rl.rewards]
-        return TRL_METRICS + tuple(f"rewards/{n}/mean" for n in names)
+        own = PPO_METRICS if config.rl.algorithm == "ppo" else TRL_METRICS
+        return own + tuple(f"rewards/{n}/mean" for n in names)
 
     def prepare_data(self, config: RunConfig, tokenizer, template, data_key=None, resume_from=None):
         return prepare_prompts(config, tokenizer, template)
@@ -209,15 +229,24 @@ class RlStage(Stage):
         return f"{len(train_rows):,} prompts{held} (their answers unused), "
 
     def batches(self, config: RunConfig, plan, train_rows, eval_rows, pad_token_id: int, console) -> Batches:
-        def dataset(rows):
+        def dataset(rows, repeat=1):
             return Dataset.from_list([{"prompt": r.prompt, "question": r.question, "conversation": r.conversation,
-                                       "source": r.source} for r in rows]) if rows else []
+                                       "source": r.source} for r in rows for _ in range(repeat)]) if rows else []
 
+        if config.rl.algorithm == "ppo":  # each prompt's completions are rows of their own
+            return Batches(dataset(train_rows, config.rl.num_generations), dataset(eval_rows), collator=collate_prompts)
         return Batches(dataset(train_rows), dataset(eval_rows), collator=None)
 
     def training_arguments(self, config: RunConfig, run, output_dir: Path, plan, has_eval: bool):
         rl = config.rl
         args_class, _ = ALGORITHMS[rl.algorithm]
+        if rl.algorithm == "ppo":
+            # a step's prompts are its rollout: a short last batch of an epoch is left out, as TRL's GRPO does
+            return training_arguments(config, output_dir, has_eval, plan, run.scale_out, run.optimizer,
+                                      resuming=run.resume_from is not None, dataloader_drop_last=True)
+        grpo = {"loss_type": rl.loss_type} if rl.loss_type else {}
+        if rl.algorithm == "grpo":
+            grpo["importance_sampling_level"] = rl.importance_sampling_level
         return training_arguments(
             config, output_dir, has_eval, plan, run.scale_out, run.optimizer, resuming=run.resume_from is not None,
             args_class=args_class,
@@ -227,17 +256,20 @@ class RlStage(Stage):
             temperature=rl.temperature,
             reward_weights=[r.weight for r in rl.rewards],
             log_completions=False,
+            **grpo,
         )
 
     def make_trainer(self, config: RunConfig, run, **kwargs):
         template = run.template
         _, trainer_class = ALGORITHMS[config.rl.algorithm]
         model, tokenizer = kwargs["model"], kwargs["processing_class"]
+        rewards = load_rewards(config.rl.rewards, template.stop_strings)
+        if config.rl.algorithm == "ppo":
+            return self._ppo_trainer(config, model, tokenizer, template, rewards, kwargs)
         kwargs.pop("data_collator", None)  # TRL batches the prompts itself
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # completions end where an answer ends: TRL stops on every eos id of the generation config
         base.generation_config.eos_token_id = stop_token_ids(tokenizer, template)
-        rewards = load_rewards(config.rl.rewards, template.stop_strings)
         trainer = trainer_class(reward_funcs=rewards, **kwargs)
         if config.model.adapter is None and REFERENCE_ADAPTER in getattr(model, "peft_config", {}):
             # TRL copied the new adapter as the reference; a new adapter starts as the base, which the
@@ -245,11 +277,28 @@ class RlStage(Stage):
             model.delete_adapter(REFERENCE_ADAPTER)
         return trainer
 
+    @staticmethod
+    def _ppo_trainer(config: RunConfig, model, tokenizer, template, rewards, kwargs):
+        if config.rl.beta == 0:
+            reference = "none"
+        elif config.method.type == "full":
+            reference = "copy"
+        elif config.model.adapter:  # the SFT adapter the run continues, frozen
+            model.load_adapter(config.model.adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+            reference = "adapter"
+        else:
+            reference = "disable_adapter"
+        attach_value_head(model)
+        return VitunePPOTrainer(rl=config.rl, rewards=rewards, reward_weights=[r.weight for r in config.rl.rewards],
+                                eos_ids=stop_token_ids(tokenizer, template), reference=reference, **kwargs)
+
     def held_out_lines(self, summary: dict) -> list[str]:
         lines = []
         if summary.get("eval_reward_end") is not None:
             start = f"{summary['eval_reward_start']:.4f} (start) -> " if summary.get("eval_reward_start") is not None else ""
-            lines.append(f"held-out prompts: mean reward {start}{summary['eval_reward_end']:.4f} (end)")
+            sem = (f" (standard error {summary['eval_reward_sem_end']:.4f})"
+                   if summary.get("eval_reward_sem_end") is not None else "")
+            lines.append(f"held-out prompts: mean reward {start}{summary['eval_reward_end']:.4f} (end){sem}")
         if summary.get("reward_last") is not None:
             lines.append(f"mean reward {summary['reward_first']:.4f} (first step) -> {summary['reward_last']:.4f} (last step)")
         return lines
