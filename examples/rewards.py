@@ -61,3 +61,20 @@ def brevity(prompt: str, completion: str) -> float:
     """1 for an empty answer, falling linearly to 0 at 400 characters: a counterweight to rewards
     that longer answers can game (give it a small weight)."""
     return max(0.0, 1.0 - len(completion) / 400)
+
+
+def short_vietnamese(prompt: str, completion: str, words: int = 12) -> float:
+    """A short answer in Vietnamese, from 0 to 1: `vietnamese` times min(1, words / the answer's words),
+    so up to 12 words keep the full Vietnamese score and 24 words halve it. The reward of
+    examples/ppo.yaml: SmolLM2-135M-Instruct answers Vietnamese questions at length and is cut off
+    mid-sentence; this asks it to say less, and to end its turn.
+
+    >>> short_vietnamese("", "Phở là món ăn truyền thống của Việt Nam.")
+    1.0
+    >>> short_vietnamese("", "Phở là món ăn truyền thống của Việt Nam, " * 3)
+    0.444444
+    >>> short_vietnamese("", "Pho is a Vietnamese dish.")
+    0.0
+    """
+    count = len(WORD.findall(completion))
+    return round(vietnamese(prompt, completion) * min(1.0, words / max(count, 1)), 6)

@@ -196,3 +196,12 @@ def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_llama, tmp_path, 
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         a, b = load_file(out / name), load_file(reference / name)
         assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), name
+
+
+def test_the_example_rewards_do_what_their_docstrings_show():
+    import doctest
+    import importlib
+
+    rewards = importlib.import_module("examples.rewards")
+    failures, tried = doctest.testmod(rewards)
+    assert (failures, tried) == (0, 6)
