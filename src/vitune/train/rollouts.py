@@ -3,22 +3,32 @@
 `sample_completions` is what GRPO/RLOO (train/stages/rl.py) and PPO generate with instead of TRL's
 regular path (`GRPOTrainer._generate_single_turn`: a left-padded `model.generate`).
 
-Where TRL's path spends a decode step (PROFILE below; SmolLM2-135M-Instruct, fp32, a LoRA of r 16
-on its 7 linear modules x 30 layers, batch 8, 48 new tokens, 2 CPU cores; cProfile of `generate`):
-- PEFT's unmerged LoRA: each of the 210 adapted linears runs its base matmul plus dropout, A and B
-  matmuls, a scale and an add -- five small ops instead of one, each paying the CPU's per-op
-  dispatch cost (PROFILE's "lora.Linear.forward" share);
-- the rest of the step is the model itself (30 layers of small matmuls) and `generate`'s own per-step
-  work (logits processors, stopping criteria, cache bookkeeping: PROFILE's "generate overhead");
+Where TRL's path spends a decode step (`python benchmarks/rl_rollouts.py --profile`: cProfile of
+`GRPOTrainer._generate_single_turn`, SmolLM2-135M-Instruct fp32 with a new LoRA of r 16 on all 7
+linear modules x 30 layers, one batch of 8, 48 decode steps, 2 CPU cores shared with other jobs):
+- 631 `F.linear` calls a step: 210 base weights, 420 LoRA A and B (two thirds of the calls for a
+  fraction of a percent of the FLOPs) and the LM head; `lora.Linear.forward` (base matmul, dropout,
+  A, B, scale, add) holds 89% of the time cumulatively, the model forward 99%;
+- `generate`'s own per-step work (logits processors, stopping criteria, cache bookkeeping): 1%;
+  `torch.cat` (124 calls a step: the cache and the mask growing): 4%; attention (SDPA): 2%;
+- on a CPU each small op pays dispatch and thread-synchronisation costs that do not shrink with its
+  size, so the number of ops, not the FLOPs, sets a step's time; on a busy host every op may also
+  wait for a time slice (11.9 s a step then, against the ~0.18 s the issue measured on a quieter one);
 - rows that finished early are still computed until the last row ends.
 
-What this module does about it, each measured (benchmarks/rl_rollouts.py, RESULTS.md):
+What this module does about it; together 2.88x TRL's generated tokens/s (benchmarks/rl_rollouts.py,
+one torch thread a process on a busy 2-core host, RESULTS.md): the merged LoRA alone (in `generate`)
+1.11x, the decode loop alone (over the unmerged LoRA) 1.36x -- the two multiply, since with the LoRA
+ops gone `generate`'s per-step work is a larger share of what is left:
 - the LoRA update is merged into each base weight for the rollout (the original weight tensors are
   kept and put back afterwards, so the base stays bit-identical -- PEFT's unmerge subtracts and
-  leaves rounding error); 4-bit/8-bit (QLoRA) layers, DoRA and LoRA biases are left unmerged;
+  leaves rounding error); 4-bit/8-bit (QLoRA) layers, DoRA and LoRA biases are left unmerged. The
+  cost is memory: during a rollout the adapted weights exist twice (SmolLM2-135M in fp32: 106 M
+  weights, 0.42 GB more);
 - a plain decode loop: one prefill of the left-padded prompts (logits of the last position only),
   then one forward per step over the KV cache with an explicit attention mask and position ids;
 - rows that finished leave the batch and the cache (and columns that became padding in every row);
+  unmeasured in the benchmark, where every completion ran to its 48 tokens;
 - each row samples with its own `torch.Generator`, so a completion depends on (weights, prompt,
   seed) and not on the batch it ran in -- up to the float rounding that a different batch shape can
   give a matmul (~1e-6 on a logit), which flips a sampled token only when a draw lands within that
