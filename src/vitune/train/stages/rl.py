@@ -133,8 +133,8 @@ class RlTrainerMixin(VituneTrainerMixin):
         `generate` (several times the tokens/s: that module's docstring has the figures) -> what TRL's
         regular path returns: GRPO (completion ids, None), RLOO the ids; each ends at its first eos,
         included. Row i is seeded from (train seed, step, process, train/eval, call of the step, i), so
-        a resumed run draws the same completions. TRL's own path where it samples otherwise: vLLM, continuous batching,
-        images, min_p, a repetition penalty or extra generation_kwargs."""
+        a resumed run draws the same completions. TRL's own path where it samples otherwise: vLLM,
+        continuous batching, images, min_p, a repetition penalty or extra generation_kwargs."""
         config = self.generation_config
         if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
                 or config.min_p is not None or config.repetition_penalty not in (None, 1.0) or self.args.generation_kwargs):
