@@ -132,8 +132,8 @@ class RlTrainerMixin(VituneTrainerMixin):
         """Rollouts through vitune.train.rollouts.sample_completions instead of TRL's left-padded
         `generate` (2.9x its tokens/s on a 2-core CPU: that module's docstring has the figures) -> what TRL's
         regular path returns: GRPO (completion ids, None), RLOO the ids; each ends at its first eos,
-        included. Row i is seeded from (train seed, step, process, train/eval, call of the step, i), so
-        a resumed run draws the same completions. TRL's own path where it samples otherwise: vLLM,
+        included. Row i is seeded from (train seed, step -- held out: -1 --, process, train/eval, call
+        of the step, i), so a resumed run draws the same completions and every evaluation the same ones. TRL's own path where it samples otherwise: vLLM,
         continuous batching, images, min_p, a repetition penalty or extra generation_kwargs."""
         config = self.generation_config
         if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
@@ -147,8 +147,11 @@ class RlTrainerMixin(VituneTrainerMixin):
         step = (self.state.global_step, model.training)
         self._rollout_calls = self._rollout_calls + 1 if getattr(self, "_rollout_step", None) == step else 0
         self._rollout_step = step
-        seeds = row_seeds(self.args.seed, self.state.global_step, self.accelerator.process_index, int(model.training),
-                          self._rollout_calls, rows=len(prompt_ids))
+        # held out: the same seeds at every evaluation (step -1), so the start and the end are compared
+        # on the same random numbers, as PPO's are
+        seeds = row_seeds(self.args.seed, self.state.global_step if model.training else -1,
+                          self.accelerator.process_index, int(model.training), self._rollout_calls,
+                          rows=len(prompt_ids))
         completions = sample_completions(
             model, prompt_ids, seeds, max_new_tokens=config.max_new_tokens, eos_ids=list(self.eos_token_ids),
             pad_id=self._tokenizer.pad_token_id, temperature=config.temperature, top_p=config.top_p,
