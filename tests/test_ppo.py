@@ -95,8 +95,7 @@ def test_mean_reward_goes_up_with_an_easy_reward(tiny_llama, tmp_path, rewards_m
                         scheduler="constant", rl={"beta": 0.0, "ppo_epochs": 4, "num_mini_batches": 2})
     assert main(["train", str(config), "--set", "method.type=full"]) == 0
     rewards = [r["reward"] for r in records(out) if "loss" in r]
-    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
-    assert last > 2 * first, rewards
+    assert sum(rewards[-3:]) / 3 > 2 * rewards[0], rewards
     summary = json.loads((out / "summary.json").read_text())
     # the same 4 held-out prompts, sampled from the same seeds before the first step and after the last
     assert summary["eval_reward_end"] - summary["eval_reward_start"] > 2 * summary["eval_reward_sem_end"]
@@ -149,15 +148,24 @@ def test_two_processes_train_exactly_what_one_does(tiny_llama, tmp_path, rewards
     each samples its own prompts from per-row seeds; the means and the whitening are over both."""
     one = ppo_config(tmp_path, tiny_llama, tmp_path / "one", max_steps=3, gradient_accumulation=2)
     two = ppo_config(tmp_path, tiny_llama, tmp_path / "two", max_steps=3)
-    assert main(["train", str(one)]) == 0
-    assert main(["train", str(two), "--nproc", "2"]) == 0
-    a = {r["step"]: r for r in records(tmp_path / "one")}
-    b = {r["step"]: r for r in records(tmp_path / "two")}
-    assert a.keys() == b.keys() == {0, 1, 2, 3}
-    for key in ("loss", "reward", "kl", "value_loss", "policy_loss", "approx_kl", "explained_variance", "eval_reward",
-                "eval_loss", "real_tokens"):
-        pairs = [(a[s][key], b[s][key]) for s in a if key in a[s]]
-        assert pairs and all(abs(x - y) < 1e-5 for x, y in pairs), (key, pairs)
+    # no LoRA dropout (its random numbers fall on other rows in another batch shape); 16 training prompts:
+    # whole steps of 8 in both (a short last step would be 4 prompts for one process, dropped for two)
+    same = ["--set", "method.lora.dropout=0.0", "--set", "data.train.0.max_samples=20"]
+    assert main(["train", str(one), *same]) == 0
+    assert main(["train", str(two), "--nproc", "2", *same]) == 0
+    def by_step(run: Path, kind: str) -> dict[int, dict]:
+        return {r["step"]: r for r in records(run) if kind in r}
+
+    for kind, steps, keys in (
+            ("loss", {1, 2, 3}, ("loss", "reward", "kl", "value_loss", "policy_loss", "approx_kl", "explained_variance",
+                                 "real_tokens")),
+            ("eval_reward", {0, 2, 3}, ("eval_reward", "eval_reward_sem", "eval_loss", "eval_kl"))):
+        a, b = by_step(tmp_path / "one", kind), by_step(tmp_path / "two", kind)
+        assert a.keys() == b.keys() == steps
+        for key in keys:
+            pairs = [(a[s][key], b[s][key]) for s in steps]
+            # within float rounding: the held-out KL (differences of log-probabilities, summed) moves ~1e-5
+            assert all(abs(x - y) < 1e-4 for x, y in pairs), (key, pairs)
 
 
 @pytest.mark.slow

@@ -112,13 +112,16 @@ class VitunePPOTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
         if reference == "copy":  # full fine-tuning: the starting weights, frozen
             self.reference_model = copy.deepcopy(policy).eval().requires_grad_(False)
             del self.reference_model.v_head
-        self._hidden = None
+        self._values, self._want_values = None, False
         base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
-        base.get_output_embeddings().register_forward_pre_hook(self._keep_hidden)
+        base.get_output_embeddings().register_forward_hook(self._value_of_hidden)
         self._rows: list[dict] = []  # the prompts of this step's micro-batches so far
 
-    def _keep_hidden(self, module, args):
-        self._hidden = args[0]  # the last hidden state, as the LM head reads it: the value head's input
+    def _value_of_hidden(self, module, args, output):
+        # the value head reads the last hidden state as the LM head does, inside the model's forward
+        # (DDP counts a parameter used outside its wrapped forward as used twice)
+        if self._want_values:
+            self._values = self.value_head(args[0])
 
     def floating_point_ops(self, inputs) -> int:
         return 0  # the rows are prompts (strings); tokens and FLOPs are counted by the mixin
@@ -187,6 +190,9 @@ class VitunePPOTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
         tokens = float(self._total(mask.sum().to(torch.float64)))
         scale = self.accelerator.num_processes / max(tokens, 1.0)  # DDP averages the processes' gradients
         sums = torch.zeros(6, dtype=torch.float64)  # loss, policy loss, value loss, clipped, value clipped, approx kl
+        # the updates run on the model itself, and the processes' gradients are averaged here: several
+        # forward/backward pairs and optimizer steps per runner step are not what DDP's reducer expects
+        model = self.accelerator.unwrap_model(model)
         model.train()
         micro = args.per_device_train_batch_size
         for start in range(0, len(picked), micro):
@@ -203,8 +209,9 @@ class VitunePPOTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
                 parts = [loss, pg * m, vf * m, clipped * m, vclipped * m,
                          F.approx_kl(logprobs, old_logprobs[rows]) * m]
                 sums += torch.stack([p.sum().double() for p in parts]).cpu()
+        self._average_gradients(model)
         if args.max_grad_norm > 0:
-            norm = self.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             self.record_metric("grad_norm", float(norm), 1)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # transformers' step after the iteration then finds no gradient
@@ -212,6 +219,20 @@ class VitunePPOTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
         for key, value in zip(("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl"), sums[1:]):
             self.record_metric(key, float(value), 1)
         return float(sums[0]), float(sums[5])
+
+    def _average_gradients(self, model) -> None:
+        """Every process's gradients replaced by their mean over the processes (one all-reduce)."""
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = _flatten_dense_tensors(grads)
+        torch.distributed.all_reduce(flat)
+        flat /= processes
+        for grad, mean in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            grad.copy_(mean)
 
     # ------------------------------------------------------------ rollout
 
@@ -250,15 +271,19 @@ class VitunePPOTrainer(VituneTrainerMixin, ExactSharesMixin, Trainer):
     def _forward(self, model, batch: dict, values: bool = False, entropy: bool = False):
         """log-probabilities of the completion tokens under the (tempered) policy, and the values
         and entropies at the same positions; each (B, T)."""
-        out = model(input_ids=batch["ids"], attention_mask=batch["attention"], use_cache=False)
+        self._want_values = values
+        try:
+            out = model(input_ids=batch["ids"], attention_mask=batch["attention"], use_cache=False)
+        finally:
+            self._want_values = False
         positions = batch["starts"][:, None] - 1 + torch.arange(batch["completion"].shape[1], device=batch["ids"].device)
         positions = positions.clamp(max=batch["ids"].shape[1] - 1)
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         logits = out.logits[rows, positions].float() / self.rl.temperature
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch["completion"][..., None]).squeeze(-1)
-        value = self.value_head(self._hidden[rows, positions]) if values else None
+        value = self._values[rows, positions] if values else None
         ent = F.entropy(logits) if entropy else None
-        self._hidden = None
+        self._values = None
         return logprobs, value, ent
 
     def _forward_in_chunks(self, model, batch: dict, values=False, entropy=False, train=True):
