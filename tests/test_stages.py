@@ -51,7 +51,7 @@ def test_the_ui_stage_menu_and_the_config_help_come_from_the_table():
         "sft: supervised fine-tuning on instructions or conversations; pt: continued pretraining on raw text (text "
         "rows, .txt files); rm: a reward model trained on preference pairs; dpo: preference optimisation: DPO, IPO, "
         "hinge, ORPO, SimPO, KTO (the dpo section picks the loss); rl: reinforcement learning from rewards: GRPO, "
-        "RLOO (the rl section).")
+        "RLOO, PPO (the rl section).")
 
 
 @pytest.mark.parametrize("stage, liger", [("sft", True), ("pt", True), ("rm", False), ("dpo", False), ("rl", False)])

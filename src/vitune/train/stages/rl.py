@@ -46,6 +46,7 @@ from vitune.errors import ConfigError, DataError
 from vitune.train.arguments import training_arguments
 from vitune.train.ppo import PPO_METRICS, REFERENCE_ADAPTER, VitunePPOTrainer, attach_value_head, reference_adapter_hidden
 from vitune.train.reward_functions import check_rewards, conversation_json, load_rewards
+from vitune.train.rollouts import row_seeds, sample_completions
 from vitune.train.sharding import process_state
 from vitune.train.stage import Batches, Stage
 from vitune.train.trainer import VituneTrainerMixin
@@ -139,8 +140,6 @@ class RlTrainerMixin(VituneTrainerMixin):
         if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
                 or config.min_p is not None or config.repetition_penalty not in (None, 1.0) or self.args.generation_kwargs):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, *args, **kwargs)
-        from vitune.train.rollouts import row_seeds, sample_completions
-
         model = self.accelerator.unwrap_model(self.model)
         # evaluation rolls out several batches at one step: each call of a step gets its own seeds (the
         # same seeds for other prompts would draw the same tokens from a near-uniform model)
