@@ -122,6 +122,7 @@ def test_two_processes_train_exactly_what_one_does_across_both_epoch_ends(sft_on
         json.loads((sft_one / "summary.json").read_text())["real_tokens"]
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_padded_rows_too(tiny_llama, tmp_path):
     """21 rows padded (packing off): the same epoch ends, rows instead of bins; 29 held-out rows (the
     last held-out batch: 1 row)."""
@@ -132,6 +133,7 @@ def test_padded_rows_too(tiny_llama, tmp_path):
     assert logged(tmp_path / "two", "real_tokens") == logged(tmp_path / "one", "real_tokens")
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_gradient_accumulation_with_the_epoch_end_in_the_middle_of_a_step(tiny_llama, tmp_path):
     """1 bin x 2 accumulation x 2 processes (against 2 bins x 2 accumulation): 11 micro-batches an epoch,
     so the epoch's last step has only one, holding one bin (the other process runs a filler)."""
@@ -142,6 +144,7 @@ def test_gradient_accumulation_with_the_epoch_end_in_the_middle_of_a_step(tiny_l
     assert logged(tmp_path / "two", "real_tokens") == logged(tmp_path / "one", "real_tokens")
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 @pytest.mark.parametrize("stage", ["dpo", "rm"])
 def test_pair_stages_normalise_by_the_pairs_of_the_step(stage, tiny_llama, tmp_path):
     """21 training pairs (the epoch's last batch: 1 pair) and 9 held-out pairs (the last: 1 pair): the

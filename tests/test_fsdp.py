@@ -170,6 +170,7 @@ def test_kill_9_after_a_sharded_checkpoint_then_resume_gives_the_same_losses(sha
     assert same_weights(out, sharded)  # bit for bit
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_lora_under_fsdp_shards_the_adapter_and_ends_in_a_plain_adapter_folder(tiny_llama, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

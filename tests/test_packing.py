@@ -183,6 +183,7 @@ def run_config(model, out, packing, **train):
     })
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_packed_run_reaches_the_loss_of_a_padded_run(tiny_llama, tmp_path):
     # One micro-batch holds every row, so each optimizer step sees the same tokens packed or
     # padded: with a token-exact loss both runs follow the same path.

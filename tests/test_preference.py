@@ -190,6 +190,7 @@ def test_every_dpo_loss_trains_and_raises_held_out_preference(tiny_llama, tmp_pa
         assert s["first_loss"] == pytest.approx(math.log(2), abs=1e-6)
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_precomputed_reference_gives_the_same_run(tiny_llama, tmp_path):
     a = run_training(config(tiny_llama, tmp_path / "live", "dpo", dpo={"loss": "sigmoid"})).summary
     b = run_training(config(tiny_llama, tmp_path / "pre", "dpo", dpo={"loss": "sigmoid", "precompute_reference": True})).summary

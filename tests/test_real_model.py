@@ -34,6 +34,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_the_gguf_is_converted_once_and_the_folder_gives_the_gguf_logits(smollm2_gguf, smollm2, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,6 +131,7 @@ def test_the_base_model_answers_in_english_through_vitune_chat(smollm2, capsys):
     assert capsys.readouterr().out == "The capital of France is Paris.\n"
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_qlora_trains_it_in_4_bits_on_the_cpu(smollm2, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     config = validate_config({

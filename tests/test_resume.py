@@ -159,6 +159,7 @@ def test_same_seed_same_losses_with_lora_dropout(tiny_llama, tmp_path):
     assert losses(out) != runs[0]
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_two_processes_give_the_losses_of_one_and_only_rank_0_writes(tiny_llama, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", str(run_config(tmp_path, tiny_llama, one, max_steps=3, save_steps=None, micro_batch_size=2))]) == 0
@@ -174,6 +175,7 @@ def test_two_processes_give_the_losses_of_one_and_only_rank_0_writes(tiny_llama,
         "progress.json", "summary.json", "tokenizer.json", "tokenizer_config.json"]
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_resume_from_a_renamed_checkpoint_folder_reads_its_step(reference, tiny_llama, tmp_path):
     # the step comes from Trainer's state in the folder, not from its name
     import shutil

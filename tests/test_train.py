@@ -86,6 +86,7 @@ def test_saved_tokenizer_carries_the_training_template(tiny_models, tmp_path):
     assert AutoTokenizer.from_pretrained(out).chat_template == get_template("vinallama").jinja()
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_learning_is_real_chat_repeats_a_training_answer(tiny_models, tmp_path, capsys):
     rows = [json.loads(line) for line in ALPACA.read_text(encoding="utf-8").splitlines()[:20]]
     data = write_jsonl(tmp_path / "twenty.jsonl", rows)

@@ -129,6 +129,7 @@ def test_a_training_process_that_dies_shows_its_last_lines_and_exit_code(tiny_ll
     assert [p["visible"] for p in plots[:6]] == [False] * 6 and plots[6] == "Loss: no points yet."
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_two_runs_into_one_folder_are_refused(tiny_llama, tmp_path, monkeypatch):
     from vitune.train.run_lock import output_dir_lock
     from vitune.ui.app import Ui

@@ -107,6 +107,7 @@ def test_chat_tab_answers_as_vitune_chat_does(page, run):
     shot(page, "chat")
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_side_by_side_each_panel_answers_as_its_own_model_does(page, run, root):
     expected, expected_base = greedy_answer(run, "Thủ đô của Việt Nam là gì?"), \
         greedy_answer(root / "tiny-llama", "Thủ đô của Việt Nam là gì?")
@@ -118,6 +119,7 @@ def test_side_by_side_each_panel_answers_as_its_own_model_does(page, run, root):
     wait_for_answer(page, "chat-base", expected_base)
 
 
+@pytest.mark.slow  # CI's 20-minute budget (fresh-clone durations, 2026-12-08); make test-all runs it
 def test_stop_ends_a_long_answer_on_the_server_and_keeps_what_came(page, run, server_process):
     open_chat(page, run)
     page.locator("#chat-max-new-tokens input").fill("100000")  # the tiny model never says its end token
