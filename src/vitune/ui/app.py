@@ -524,10 +524,11 @@ def build(root: Path, lang: str = "en", state_dir: Path | None = None) -> gr.Blo
             return [code, *(gr.update(**updates[c]) for c in components)]
 
         # what is already shown is shown again in the new language: the data inspection and the
-        # evaluation from what the page kept, the form's check and the runs by running them again
-        # (the training status follows at the next poll, within 2 s)
+        # evaluation from what the page kept; the form's check, the training status and plots and
+        # the runs by running them again (not left to the timer: a busy queue delays its tick)
         language.change(switch, language, [lang_state, *components]).then(
             show_inspection, [d_view, lang_state], d_shown).then(
+            ui.poll, lang_state, [status, log, *plots, *no_points]).then(
             ui.check_form, [lang_state, device, *form], checked_outputs).then(
             ui.runs, [r_root, r_key, lang_state], runs_shown).then(
             lambda rows, code: table(rows, ["file", "metric", "model", "base", "difference"], code), [e_rows, lang_state], e_table)
