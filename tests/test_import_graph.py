@@ -28,8 +28,9 @@ ROOT_PACKAGE = "vitune"
 # export may use models and data. models may use data (a tiny model's chat template, the
 # corpus of a vocabulary), data never models: rows become tokens without loading a model.
 # ui is started by `vitune ui` and never imports the CLI. `vitune` is the package's own
-# `__init__` (its version); `__main__` is `python -m vitune`.
-_BOTTOM = {"errors", "vitune"}
+# `__init__` (its version); `__main__` is `python -m vitune`. `bundled` finds the package's data
+# and examples (its example scripts are the user's programs, not modules of the package).
+_BOTTOM = {"errors", "vitune", "bundled"}
 _BASE = _BOTTOM | {"config"}
 ALLOWED = {
     "__main__": {"cli"},
@@ -44,6 +45,7 @@ ALLOWED = {
     "config": _BOTTOM,
     "errors": set(),
     "vitune": set(),
+    "bundled": {"errors"},
 }
 # Layers whose function-level imports need no reason comment: the CLI and the UI import each
 # command's modules when the command runs, so that `vitune --help` stays fast.
@@ -70,7 +72,9 @@ def module_name(path: Path, src: Path = SRC) -> str:
 
 
 def all_modules(src: Path = SRC) -> dict[str, Path]:
-    return {module_name(path, src): path for path in sorted((src / ROOT_PACKAGE).rglob("*.py"))}
+    examples = src / ROOT_PACKAGE / "bundled" / "examples"
+    return {module_name(path, src): path for path in sorted((src / ROOT_PACKAGE).rglob("*.py"))
+            if examples not in path.parents}
 
 
 def layer(module: str) -> str:

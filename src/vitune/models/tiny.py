@@ -13,11 +13,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from vitune import bundled
 from vitune.data.templates import get_template
 from vitune.errors import UserError
 from vitune.models.permissions import umask_modes
-
-DATA_DIR = Path(__file__).resolve().parents[3] / "data"
 
 # Every tiny tokenizer knows the special tokens of all built-in templates, so any template
 # can be tried with any tiny model; each family picks its own BOS/EOS/PAD among them.
@@ -57,7 +56,7 @@ TOKENIZER_CORPUS = ("alpaca_vi.jsonl", "corpus_vi.jsonl", "corpus_vi_eval.jsonl"
 
 def bundled_texts(data_dir: Path | None = None) -> list[str]:
     """Every string in the bundled JSONL datasets: the tiny tokenizer's training corpus."""
-    data_dir = data_dir or DATA_DIR
+    data_dir = data_dir or bundled.data_dir()
     texts: list[str] = []
 
     def walk(value):
