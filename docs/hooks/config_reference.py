@@ -92,7 +92,6 @@ NOTES: dict[str, tuple[str, str]] = {
                          "section: start and end).",
                          "Đánh giá sau mỗi N bước (mặc định: mỗi epoch khi có dữ liệu đánh giá; mục eval: đầu "
                          "và cuối)."),
-    "train.report_to": ("tensorboard | none.", "tensorboard | none."),
     "dpo": ("train.stage: dpo only.", "Chỉ cho train.stage: dpo."),
     "rl": ("train.stage: rl only; required there.", "Chỉ cho train.stage: rl; bắt buộc ở giai đoạn đó."),
     "rl.rewards": ("Each entry is a function or a model.", "Mỗi mục là một hàm hoặc một mô hình."),

@@ -22,6 +22,7 @@ from vitune.train.arguments import ScaleOut, resolve_scale_out
 from vitune.train.checkpoint import find_resume_checkpoint
 from vitune.train.progress import holds_no_run
 from vitune.train.stages import stage_for
+from vitune.train.trackers import check_trackers
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def startup_checks(config: RunConfig) -> Startup:
     if resume_from is None:
         check_output_dir(out, config.train.overwrite, resuming=config.train.resume == "auto")
     scale_out = resolve_scale_out(config)  # a missing or wrong train.deepspeed / train.fsdp file
+    check_trackers(config)  # train.report_to: each tracker's library is installed
     stage_for(config).check(config)  # what the stage needs of the rest of the config (its section, model.adapter, ...)
     return Startup(resume_from, scale_out)
 
