@@ -6,7 +6,8 @@ The story: the source as one model folder (a LoRA / QLoRA run is merged first, `
 (tokens, types, merges or scores, the pre-tokenizer llama.cpp must use, BOS/EOS/EOT/PAD, the
 training chat template) as GGUF metadata -> every weight renamed to llama.cpp's names,
 re-ordered where llama.cpp's kernels expect another layout, and quantised -> one file, written
-under a temporary name and renamed when complete.
+under a temporary name and renamed when complete -> a model card (README.md, models/card.py) beside
+it that lists the folder's .gguf files.
 
 Written in Python on the `gguf` package (the one llama.cpp's own converter uses): its
 `GGUFWriter` lays out the file and `gguf.quants` quantises Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1
@@ -31,6 +32,7 @@ from pathlib import Path
 from vitune.errors import DISK_ERRNOS, UserError
 from vitune.export.gguf_vocab import gguf_vocab
 from vitune.export.merge import merge_run
+from vitune.models.card import CARD, write_gguf_card
 from vitune.models.gguf import is_gguf
 from vitune.models.loading import damaged_files
 from vitune.models.permissions import umask_modes
@@ -103,6 +105,11 @@ def export_gguf(source: str | Path, out: str | Path, quant: str = "f16", force: 
         finally:
             partial.unlink(missing_ok=True)
     report.update(source=str(source), out=str(out), bytes=out.stat().st_size)
+    # the folder's card lists every .gguf file in it; anyone else's README.md there is left alone
+    card = write_gguf_card(out, source)
+    report["card"] = str(card) if card else None
+    say(f"model card: {card}" if card else f"{out.parent / CARD} is not a card vitune wrote: kept as it is, no card "
+        "written (export into a folder of its own, e.g. --out runs/NAME-gguf/NAME.gguf, to get one)")
     return report
 
 

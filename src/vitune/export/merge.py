@@ -2,9 +2,10 @@
 
 The story: check the run (finished, a causal-LM adapter, its base the one it was trained on)
 -> load the base as training saw it -> attach the adapter -> PEFT's `merge_and_unload` ->
-save the weights, the run's tokenizer (it carries the chat template used in training) and a
+save the weights, the run's tokenizer (it carries the chat template used in training), a
 generation_config.json whose `eos_token_id` lists every id that ends an answer (the template's
-end-of-turn markers and the EOS, as `vitune chat` stops) -> rename into place.
+end-of-turn markers and the EOS, as `vitune chat` stops) and a model card (README.md, models/card.py)
+-> rename into place.
 
 QLoRA: the adapter was trained against the 4-bit (NF4/FP4) weights, not the 16-bit ones they
 were made from, so by default the base is loaded in 4 bits as in training and de-quantised
@@ -27,6 +28,7 @@ from pathlib import Path
 from vitune.config import load_run_config, makes_reward_model
 from vitune.data.templates import TemplateRefused, resolve_template, stop_token_ids
 from vitune.errors import ConfigError, UserError
+from vitune.models.card import write_merged_card
 from vitune.models.loading import check_adapter_base, load_model, load_tokenizer
 from vitune.models.permissions import umask_modes
 
@@ -104,6 +106,7 @@ def merge_run(run: str | Path, out: str | Path, dtype: str = "auto", qlora_base:
             "template": template.name if template else None,
         }
         (partial / "vitune_merge.json").write_text(json.dumps(done, indent=2), encoding="utf-8")
+        write_merged_card(partial, done, shown=str(out))  # README.md: base, run, data, figures, how to load it
         umask_modes(partial)  # mkdtemp's 0700 and safetensors' 0600 would keep other accounts out
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

