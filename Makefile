@@ -45,8 +45,9 @@ demo: install
 demo-tiny: install
 	$(BIN)/python examples/demo_tiny.py
 
+# --durations: CI's log names the slowest tests, the candidates for `slow` when the suite nears 20 minutes
 test: install llama-cpp browser
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=30 $(PYTEST_ARGS)
 
 # the documentation site (mkdocs.yml, docs/): English and Vietnamese pages into site/; --strict
 # turns every broken link or missing page into an error. The test extra installs MkDocs.

@@ -154,6 +154,7 @@ def test_pair_stages_normalise_by_the_pairs_of_the_step(stage, tiny_llama, tmp_p
     assert_same_run(tmp_path / "two", tmp_path / "one", ("rewards/accuracy", "rewards/margin"))
 
 
+@pytest.mark.slow  # 29 s; CI keeps test_fsdp's sharding and the other even-split runs
 def test_fsdp2_shards_and_still_trains_exactly_what_one_process_does(sft_one, tiny_llama, tmp_path):
     """The filler micro-batch joins FSDP's parameter gathers (forward) and gradient reduce-scatters
     (backward) in training and in evaluation: no process waits forever, and the losses are one process's."""

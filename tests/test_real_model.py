@@ -94,6 +94,7 @@ def lora_run(smollm2, tmp_path_factory):
     return run_training(config, None)
 
 
+@pytest.mark.slow  # its SmolLM2 run takes ~40 s; CI keeps test_gemma's and the GGUF real-model checks
 def test_a_short_lora_run_lowers_the_held_out_loss(lora_run):
     s = lora_run.summary
     assert s["steps"] == 6
@@ -114,6 +115,7 @@ def test_its_adapter_reloads_with_plain_peft_onto_the_converted_base(lora_run, s
     assert torch.equal(logits(reloaded, ids), logits(trained, ids))
 
 
+@pytest.mark.slow  # needs the ~40 s SmolLM2 run above
 def test_chat_on_the_result_stops_at_im_end_and_prints_no_template_tokens(lora_run, capsys):
     from vitune.infer.chat import load_chat_model
 

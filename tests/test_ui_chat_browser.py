@@ -72,6 +72,7 @@ def wait_for_answer(page, panel: str, expected: str) -> None:
     assert bot.inner_text().strip() == expected
 
 
+@pytest.mark.slow  # ~20 s for its page and model (CI's 20-minute budget); make test-all runs it
 def test_the_page_samples_by_default_and_greedy_is_one_click_away(page):
     page.get_by_role("tab", name="Chat").click()
     expect(page.locator("#chat-temperature input")).to_have_value("0.7")
@@ -97,6 +98,7 @@ def test_the_base_panel_shows_only_side_by_side(page):
     expect(page.locator("#chat-base")).to_be_hidden()
 
 
+@pytest.mark.slow  # ~40 s with its run (CI's 20-minute budget); make test-all runs it
 def test_chat_tab_answers_as_vitune_chat_does(page, run):
     expected = greedy_answer(run, "Xin chào")
     open_chat(page, run)

@@ -46,7 +46,8 @@ def tokenizer_only(source: Path, folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fixture", ["llama_spm", "llama_bpe", "qwen2"])
+@pytest.mark.parametrize("fixture", ["llama_spm", pytest.param("llama_bpe", marks=pytest.mark.slow),  # ~13 s each
+                                     pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_real_tokenizers_extended_round_trip_and_keep_other_text(fixture, request, corpus_docs, bundled_vietnamese):
     from tokenizers import Tokenizer
 
