@@ -85,7 +85,7 @@ def test_the_built_pages_hold_the_generated_parts_and_nothing_from_the_network(s
 def test_every_english_page_has_its_vietnamese_twin_and_no_twin_is_orphaned():
     english = {path.relative_to(DOCS).with_suffix("") for path in pages()}
     vietnamese = {path.relative_to(DOCS).with_suffix("").with_suffix("") for path in pages(vietnamese=True)}
-    assert len(english) == 28
+    assert len(english) == 30
     assert english == vietnamese
 
 
@@ -123,7 +123,7 @@ def test_the_config_reference_rows_show_type_limits_default_and_description():
             "when bitsandbytes is installed (a quarter of AdamW's state memory), else adamw_torch. 8-bit and paged "
             "optimizers (bitsandbytes) cut optimizer memory. |") in page
     assert "| `model.name_or_path` | str | **required** | Hub id (org/name) or local model folder. |" in page
-    assert "| `train.report_to` | list of `tensorboard` \\| `none` | `[tensorboard]` |" in page
+    assert "| `train.report_to` | list of `tensorboard` \\| `wandb` \\| `mlflow` \\| `none` | `[tensorboard]` |" in page
     vietnamese = load_hook("config_reference").config_reference("vi")
     assert "| `data.max_length` | int (> 1) | `2048` | Số token mỗi dòng. |" in vietnamese
 
@@ -182,7 +182,7 @@ def shown_commands() -> list[tuple[str, str, list[str]]]:
 def test_the_docs_show_commands_of_every_group():
     groups = {words[0] for _, _, words in shown_commands()}
     assert groups == {"init-model", "train", "chat", "merge", "export", "serve", "eval", "ui", "score", "vocab",
-                      "data", "estimate"}
+                      "data", "estimate", "push", "examples", "config", "--version"}
 
 
 def test_every_command_shown_in_the_docs_exists_with_the_options_it_shows(capsys, monkeypatch):
@@ -193,6 +193,10 @@ def test_every_command_shown_in_the_docs_exists_with_the_options_it_shows(capsys
     monkeypatch.setenv("COLUMNS", "250")  # rich wraps the help at the terminal's width
     helps: dict[tuple[str, ...], str] = {}
     for where, line, words in shown_commands():
+        if words[0].startswith("-"):  # an option of vitune itself (vitune --version)
+            assert main(["--help"]) == 0
+            assert re.search(rf"(?<![\w-]){re.escape(words[0])}(?![\w-])", capsys.readouterr().out), line
+            continue
         command, path = typer.main.get_command(app), []
         for word in words:  # the subcommand words, up to the first argument that is not one
             sub = getattr(command, "commands", {}).get(word)
@@ -209,4 +213,4 @@ def test_every_command_shown_in_the_docs_exists_with_the_options_it_shows(capsys
             if re.fullmatch(r"--?[A-Za-z][\w-]*", option):
                 assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", help_text), \
                     f"{where}: `vitune {' '.join(path)}` has no option {option}: {line}"
-    assert len(helps) == 13  # every command, each asked for its --help once
+    assert len(helps) == 17  # every command, each asked for its --help once

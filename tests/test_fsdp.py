@@ -263,4 +263,4 @@ def test_full_state_dict_checkpoints_are_refused_in_one_line(tmp_path):
         resolve_scale_out(config)
     assert str(error.value) == (
         f"train.fsdp = {fsdp}: fsdp_config.state_dict_type FULL_STATE_DICT checkpoints cannot be resumed; use "
-        "SHARDED_STATE_DICT (examples/fsdp/fsdp2.yaml): the final model folder is whole either way")
+        "SHARDED_STATE_DICT (examples/fsdp/fsdp2.yaml, from `vitune examples copy fsdp/fsdp2`): the final model folder is whole either way")

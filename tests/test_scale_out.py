@@ -77,7 +77,7 @@ def test_a_deepspeed_file_that_is_not_a_json_object_is_one_line(tmp_path):
     with pytest.raises(UserError) as exc:
         resolve_scale_out(cfg(deepspeed=str(broken)))
     assert str(exc.value).startswith(f"train.deepspeed = {broken}: not a JSON file (Expecting property name")
-    assert str(exc.value).endswith("; see examples/deepspeed/zero2.json")
+    assert str(exc.value).endswith("; see examples/deepspeed/zero2.json, from `vitune examples copy deepspeed/zero2`")
     broken.write_text('[2]', encoding="utf-8")
     with pytest.raises(UserError, match=r"expected a JSON object with zero_optimization: \{stage: ...\}"):
         resolve_scale_out(cfg(deepspeed=str(broken)))

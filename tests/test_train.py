@@ -222,7 +222,8 @@ def test_startup_checks_refuse_a_missing_deepspeed_file_and_a_missing_adapter(tm
 
     with pytest.raises(UserError) as refused:
         startup_checks(startup_config(tmp_path / "a", deepspeed="nope.json"))
-    assert str(refused.value) == "train.deepspeed = nope.json: file not found (see examples/deepspeed/)"
+    assert str(refused.value) == ("train.deepspeed = nope.json: file not found (an example: examples/deepspeed/zero2.json, "
+                                  "from `vitune examples copy deepspeed/zero2`)")
     config = startup_config(tmp_path / "b")
     config.model.adapter = str(tmp_path / "no-adapter")
     with pytest.raises(UserError) as refused:  # the stage's own rule (stage.check)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vitune.errors import ConfigError
 
@@ -285,8 +285,33 @@ class TrainConfig(Section):
     )
     deepspeed: Optional[str] = Field(None, description="DeepSpeed config JSON, e.g. examples/deepspeed/zero2.json.")
     fsdp: Optional[str] = Field(None, description="FSDP settings YAML, e.g. examples/fsdp/fsdp2.yaml.")
-    report_to: list[Literal["tensorboard", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers that get every logged figure (loss, tokens/s, padding, held-out and eval "
+        "figures, the summary) and the run's config: tensorboard (the run folder's tensorboard/), wandb (Weights & "
+        "Biases: pip install 'vitune[wandb]'), mlflow (pip install 'vitune[mlflow]'), several at once, or none. "
+        "Where they write is set by their environment variables (WANDB_PROJECT, WANDB_MODE, MLFLOW_TRACKING_URI, "
+        "MLFLOW_EXPERIMENT_NAME, ...).",
+    )
+    run_name: Optional[str] = Field(
+        None, min_length=1,
+        description="The run's name in the trackers (W&B, MLflow). Unset: the name of train.output_dir's folder.",
+    )
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_as_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # --set train.report_to=wandb
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_once_and_none_alone(cls, value: list[str]) -> list[str]:
+        if "none" in value and len(value) > 1:
+            raise ValueError("none turns every tracker off; give it alone, or list only the trackers to use")
+        for name in value:
+            if value.count(name) > 1:
+                raise ValueError(f"{name} is listed twice; list each tracker once")
+        return value
 
     @model_validator(mode="after")
     def _resume_value(self) -> "TrainConfig":
@@ -460,6 +485,13 @@ class RunConfig(Section):
         return self
 
 
+def config_schema() -> dict:
+    """The run config's JSON Schema (what `vitune config schema` prints): every key with its type,
+    default and description, unknown keys refused, for the YAML language server in editors."""
+    schema = RunConfig.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema, "title": "vitune run config"}
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -467,7 +499,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read a YAML run config, apply `key.path=value` overrides and validate it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (give the path of a YAML file, e.g. examples/quickstart.yaml)")
+        raise ConfigError(f"config file not found: {path} (give the path of a YAML file; `vitune examples list` "
+                          "shows ready ones, `vitune examples copy quickstart .` puts one here)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:

@@ -242,7 +242,8 @@ def test_a_weight_that_keeps_no_row_says_so(tiny_llama, tmp_path, capsys):
 
 def test_control_characters_in_a_message_stay_on_one_line(tmp_path, capsys):
     assert run(["train", "--dry-run", "a\nb.yaml"], capsys) == (
-        2, "error: config file not found: a\\nb.yaml (give the path of a YAML file, e.g. examples/quickstart.yaml)\n")
+        2, "error: config file not found: a\\nb.yaml (give the path of a YAML file; `vitune examples list` shows ready "
+           "ones, `vitune examples copy quickstart .` puts one here)\n")
 
 
 def test_cache_dir_with_a_nul(tiny_llama, tmp_path, capsys):

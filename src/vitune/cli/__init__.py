@@ -19,12 +19,15 @@ from vitune.errors import DISK_ERRNOS, DiskError, UserError
 
 # each command module registers its commands on the app (cli/app.py) when it is imported
 from vitune.cli import chat as _chat  # noqa: F401
+from vitune.cli import config as _config  # noqa: F401
 from vitune.cli import data as _data  # noqa: F401
 from vitune.cli import estimate as _estimate  # noqa: F401
 from vitune.cli import eval as _eval  # noqa: F401
+from vitune.cli import examples as _examples  # noqa: F401
 from vitune.cli import export as _export  # noqa: F401
 from vitune.cli import init_model as _init_model  # noqa: F401
 from vitune.cli import merge as _merge  # noqa: F401
+from vitune.cli import push as _push  # noqa: F401
 from vitune.cli import score as _score  # noqa: F401
 from vitune.cli import serve as _serve  # noqa: F401
 from vitune.cli import train as _train  # noqa: F401

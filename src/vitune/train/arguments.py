@@ -17,11 +17,13 @@ import torch
 import yaml
 from transformers import TrainingArguments
 
+from vitune.bundled import example_hint
 from vitune.config import RunConfig
 from vitune.errors import UserError
 from vitune.models.attention import supports_packing
 from vitune.models.optimizers import BITSANDBYTES_OPTIMIZERS
 from vitune.train.gpu import checkpointing_plan, use_liger, use_tf32
+from vitune.train.trackers import run_name
 
 
 # ---------------------------------------------------------------- speed plan
@@ -77,14 +79,14 @@ def deepspeed_settings(path: str) -> dict:
     """The DeepSpeed config JSON of train.deepspeed; a missing or unreadable file is one line."""
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"train.deepspeed = {path}: file not found (see examples/deepspeed/)")
+        raise UserError(f"train.deepspeed = {path}: file not found (an example: {example_hint('deepspeed/zero2')})")
     try:
         settings = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"train.deepspeed = {path}: not a JSON file ({exc}); see examples/deepspeed/zero2.json") from None
+        raise UserError(f"train.deepspeed = {path}: not a JSON file ({exc}); see {example_hint('deepspeed/zero2')}") from None
     if not isinstance(settings, dict) or not isinstance(settings.get("zero_optimization", {}), dict):
         raise UserError(f"train.deepspeed = {path}: expected a JSON object with zero_optimization: {{stage: ...}} "
-                        "(see examples/deepspeed/zero2.json)")
+                        f"(see {example_hint('deepspeed/zero2')})")
     return settings
 
 
@@ -96,24 +98,25 @@ def resolve_scale_out(config: RunConfig) -> ScaleOut:
         if config.method.type == "qlora" and stage == 3:
             raise UserError(
                 f"train.deepspeed = {t.deepspeed}: QLoRA with ZeRO-3 shards 4-bit weights, which needs "
-                "bitsandbytes' quant storage set to the compute dtype; use ZeRO-2 (examples/deepspeed/zero2.json) "
+                f"bitsandbytes' quant storage set to the compute dtype; use ZeRO-2 ({example_hint('deepspeed/zero2')}) "
                 "for QLoRA, or method.type: lora with ZeRO-3"
             )
         return ScaleOut({"deepspeed": str(Path(t.deepspeed))}, stage)
     if t.fsdp:
         path = Path(t.fsdp)
         if not path.is_file():
-            raise UserError(f"train.fsdp = {t.fsdp}: file not found (see examples/fsdp/)")
+            raise UserError(f"train.fsdp = {t.fsdp}: file not found (an example: {example_hint('fsdp/fsdp2')})")
         settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(settings, dict) or "fsdp" not in settings:
-            raise UserError(f"train.fsdp = {t.fsdp}: expected a YAML mapping with fsdp: and fsdp_config: (see examples/fsdp/fsdp2.yaml)")
+            raise UserError(f"train.fsdp = {t.fsdp}: expected a YAML mapping with fsdp: and fsdp_config: "
+                            f"(see {example_hint('fsdp/fsdp2')})")
         if config.method.type == "qlora":
             raise UserError("train.fsdp with method.type: qlora is not supported yet; use method.type: lora, or DeepSpeed ZeRO-2")
         if (settings.get("fsdp_config") or {}).get("state_dict_type") == "FULL_STATE_DICT":
             # measured on 2 CPU processes (torch 2.13, accelerate 1.15, FSDP2): saving such a checkpoint fails, resuming
             # from one hangs (rank 0 broadcasts the weights, the other ranks never join)
             raise UserError(f"train.fsdp = {t.fsdp}: fsdp_config.state_dict_type FULL_STATE_DICT checkpoints cannot "
-                            "be resumed; use SHARDED_STATE_DICT (examples/fsdp/fsdp2.yaml): the final model folder "
+                            f"be resumed; use SHARDED_STATE_DICT ({example_hint('fsdp/fsdp2')}): the final model folder "
                             "is whole either way")
         if t.optimizer in BITSANDBYTES_OPTIMIZERS:
             raise UserError(f"train.optimizer = {t.optimizer} cannot update FSDP's sharded parameters (bitsandbytes "
@@ -163,7 +166,9 @@ def training_arguments(config: RunConfig, output_dir: Path, has_eval: bool, plan
         eval_steps=t.eval_steps,
         # the held-out loss before any training, to compare the end against (not again on resume)
         eval_on_start=has_eval and not resuming,
+        # transformers' callbacks log to them (vitune opens the W&B and MLflow runs: train/trackers.py)
         report_to=[r for r in t.report_to if r != "none"] or "none",
+        run_name=run_name(config),
         disable_tqdm=True,
         remove_unused_columns=False,
         prediction_loss_only=True,  # evaluation reports the loss; packed batches keep only trained logits

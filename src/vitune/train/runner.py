@@ -25,6 +25,10 @@ unfinished run. Everything that can fail on the user's input (config, paths, dat
 the run folder is created. Only progress.json comes earlier, once the start-up checks
 (train/preflight.py) have passed, so a watcher sees the data being prepared and the model
 loading; a start that fails takes it away again (train/progress.py says how).
+
+The trackers of train.report_to (TensorBoard, W&B, MLflow) get every log that metrics.jsonl gets,
+then summary.json's numbers; the W&B and MLflow runs are opened around training, with the run's
+name and config, and closed once the summary is in (train/trackers.py).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from vitune.data.cache import cache_key
 from vitune.data.templates import resolve_template
 from vitune.models.architecture import load_model_config
 from vitune.models.attention import packed_attention
+from vitune.models.card import write_run_card
 from vitune.models.loading import load_tokenizer
 from vitune.models.optimizers import resolve_optimizer
 from vitune.train.arguments import SpeedPlan, plan_speed
@@ -60,6 +65,7 @@ from vitune.train.sharding import ShardingReport, gather_full_weights, process_s
 from vitune.train.stage import PreparedRun
 from vitune.train.stages import stage_for
 from vitune.train.telemetry import peak_memory_gib
+from vitune.train.trackers import log_summary, tracker_runs
 from vitune.train.trainer import LoggingSchedule, MetricsFile, RichProgress
 
 SUMMARY = "summary.json"
@@ -175,22 +181,27 @@ def _train(config: RunConfig, console: Console, startup: Startup, progress: Prog
     model = stage.adapt_model(model, config, plan.checkpoint_every > 0)
     console.print(f"speed: {plan.describe()}")
 
-    # From here on the run folder exists; summary.json at the end marks it complete.
-    # Only the main process writes files; every rank trains.
-    if state.is_main_process:
-        if out.exists() and config.train.overwrite and run.resume_from is None:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(run.config_yaml, encoding="utf-8")
-        if not stage.report_after_training(config):
-            write_data_report(out, report)
-    progress.run_folder_made()
-    state.wait_for_everyone()
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+    # The W&B / MLflow runs of train.report_to open before the run folder is made (one that cannot
+    # start, e.g. W&B not logged in, is one line and leaves no folder) and close once the summary is
+    # in: failed if training fails or stops.
+    with tracker_runs(config, state.is_main_process):
+        # From here on the run folder exists; summary.json at the end marks it complete.
+        # Only the main process writes files; every rank trains.
+        if state.is_main_process:
+            if out.exists() and config.train.overwrite and run.resume_from is None:
+                shutil.rmtree(out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(run.config_yaml, encoding="utf-8")
+            if not stage.report_after_training(config):
+                write_data_report(out, report)
+        progress.run_folder_made()
+        state.wait_for_everyone()
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
 
-    trainer, summary = fit(config, model, run, out, plan, console, progress)
-    if summary.get("stopped_by"):
-        raise RunInterrupted(summary["stopped_by"], out, trainer.state.global_step)
+        trainer, summary = fit(config, model, run, out, plan, console, progress)
+        log_summary(trainer, summary)
+        if summary.get("stopped_by"):
+            raise RunInterrupted(summary["stopped_by"], out, trainer.state.global_step)
     full_weights = gather_full_weights(trainer)  # FSDP: every rank joins the gather; None otherwise
     if not state.is_main_process:
         return TrainResult(out, summary, report, trainer.model)
@@ -209,6 +220,7 @@ def _train(config: RunConfig, console: Console, startup: Startup, progress: Prog
             write_data_report(out, report, stage.report_extras(trainer))
         summary["stage"] = config.train.stage
         summary["template"] = template.name if template else None
+        write_run_card(out, config, summary)  # README.md, over the blank card PEFT saved with the adapter
         (out / SUMMARY).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     progress.end("finished")
     return TrainResult(out, summary, report, trainer.model)
