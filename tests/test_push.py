@@ -119,3 +119,73 @@ def test_an_unfinished_run_a_missing_folder_a_file_and_a_bad_repo_id_are_one_lin
     make(run, "summary.json")
     assert main(["push", str(run), "--repo", "me/bad name"]) == 2
     assert one_error_line(capsys).startswith("error: --repo 'me/bad name': not a Hub repository id (")
+
+
+def test_an_adapter_trained_on_a_local_copy_goes_up_naming_the_hub_model_as_its_base(tmp_path, capsys, monkeypatch):
+    import json
+
+    from vitune.export.push import hub_adapter_config
+
+    base = tmp_path / "smollm2"
+    base.mkdir()
+    (base / "README.md").write_text("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\nlicense: apache-2.0\n---\n"
+                                    "# SmolLM2\n", encoding="utf-8")
+    run = finished_run(tmp_path)
+    settings = {"base_model_name_or_path": str(base), "peft_type": "LORA", "r": 8}
+    (run / "adapter_config.json").write_text(json.dumps(settings), encoding="utf-8")
+    hub, sent = hub_adapter_config(run)
+    assert hub == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads(sent) == {**settings, "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+    assert json.loads((run / "adapter_config.json").read_text(encoding="utf-8")) == settings  # unchanged here
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert main(["push", str(run), "--repo", "me/run", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"adapter_config.json goes up naming its base HuggingFaceTB/SmolLM2-135M-Instruct (here {base}, a local "
+        "copy; the file here is not changed)")
+
+    (base / "README.md").unlink()  # a local base with no Hub id known: the file goes up as it is
+    assert hub_adapter_config(run) is None
+    (run / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": "Qwen/Qwen3-0.6B"}),
+                                             encoding="utf-8")
+    assert hub_adapter_config(run) is None  # already a Hub id
+
+
+def test_the_commit_holds_the_planned_files_and_the_rewritten_adapter_config(tmp_path, capsys, monkeypatch):
+    """What push hands huggingface_hub (a stand-in HfApi records it; no Hub is reached): the
+    repository made or kept, then one commit of the planned files, adapter_config.json's bytes
+    naming the Hub base."""
+    import json
+
+    import huggingface_hub
+
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, endpoint, token):
+            calls.append(("api", endpoint, token))
+
+        def create_repo(self, repo, private, exist_ok, repo_type):
+            calls.append(("create_repo", repo, private, exist_ok, repo_type))
+
+        def create_commit(self, repo, operations, revision, commit_message):
+            calls.append(("create_commit", repo, revision, commit_message,
+                          {op.path_in_repo: op.path_or_fileobj for op in operations}))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_TOKEN", "dummy")
+    base = tmp_path / "smollm2"
+    base.mkdir()
+    (base / "README.md").write_text("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n---\n", encoding="utf-8")
+    run = make(tmp_path / "run", "config.yaml", "summary.json", "adapter_model.safetensors", "progress.json")
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}), encoding="utf-8")
+    (run / "README.md").write_text("# mine\n", encoding="utf-8")  # a card of the user's own: kept
+    assert main(["push", str(run), "--repo", "me/run"]) == 0
+    assert calls[:2] == [("api", "http://127.0.0.1:9", "dummy"), ("create_repo", "me/run", False, True, "model")]
+    kind, repo, revision, message, files = calls[2]
+    assert (kind, repo, revision, message) == ("create_commit", "me/run", "main", "vitune push run")
+    assert files == {"README.md": str(run / "README.md"), "adapter_model.safetensors": str(run / "adapter_model.safetensors"),
+                     "config.yaml": str(run / "config.yaml"), "summary.json": str(run / "summary.json"),
+                     "adapter_config.json": b'{\n  "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"\n}\n'}
+    assert len(calls) == 3

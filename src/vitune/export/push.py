@@ -6,7 +6,9 @@ The story: check the folder (finished, holding a model) -> the token (HF_TOKEN o
 (or PEFT's blank one), and written again when it is vitune's own and unedited, so its examples name
 the repository (models/card.py) -> the files that go up (`plan_upload`: everything but checkpoints,
 tensorboard logs, the run's progress file, the pickled TrainingArguments, the rejected rows and
-hidden files) -> one commit with huggingface_hub's `upload_folder`, given the same patterns.
+hidden files) -> one commit of those files (huggingface_hub's `create_commit`). An adapter trained on
+a local copy of a Hub model goes up naming that Hub model as its base in adapter_config.json
+(`hub_adapter_config`), so PEFT loads it anywhere; the local file is not changed.
 
 The Hub is HF_ENDPOINT's (default https://huggingface.co), read when the command runs. Whatever
 goes wrong with the Hub (unreachable, token refused, no permission) is one line naming it.
@@ -14,6 +16,7 @@ goes wrong with the Hub (unreachable, token refused, no permission) is one line 
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,9 +24,11 @@ from pathlib import Path
 
 from vitune.errors import UserError
 from vitune.models.card import CARD, refresh_card
+from vitune.models.lineage import is_hub_id, lineage
 
 # Left out of every upload (huggingface_hub's patterns: a trailing / is a folder, * crosses folders)
 LEFT_OUT = ("checkpoint-*/", "tensorboard/", "progress.json", "training_args.bin", "rejects.jsonl", ".*", "*/.*")
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class Upload:
 
 
 def plan_upload(folder: Path) -> Upload:
-    """The files of `folder` that go up: huggingface_hub's own filter with the patterns upload_folder gets."""
+    """The files of `folder` that go up, chosen by huggingface_hub's own filter (upload_folder's) with LEFT_OUT."""
     from huggingface_hub.utils import filter_repo_objects
 
     folder = Path(folder)
@@ -47,6 +52,26 @@ def plan_upload(folder: Path) -> Upload:
     left_out = sorted({path.split("/")[0] + "/" if "/" in path and path.split("/")[0] not in kept_folders else path
                        for path in every if path not in kept})
     return Upload(files, left_out, sum((folder / f).stat().st_size for f in files))
+
+
+def hub_adapter_config(folder: Path) -> tuple[str, bytes] | None:
+    """(the Hub id, adapter_config.json as it goes up) when the adapter's base_model_name_or_path is
+    a local folder whose lineage names a Hub model (a preset, or a folder with vitune's card); None
+    when the file stays as it is: no adapter, a base already on the Hub, or no Hub id known."""
+    file = Path(folder) / ADAPTER_CONFIG
+    if not file.is_file():
+        return None
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None  # PEFT itself will say what is wrong with it; the file goes up as it is
+    base = settings.get("base_model_name_or_path") if isinstance(settings, dict) else None
+    if not isinstance(base, str) or is_hub_id(base):
+        return None
+    hub = lineage(base).base_model
+    if not isinstance(hub, str):
+        return None
+    return hub, (json.dumps({**settings, "base_model_name_or_path": hub}, indent=2) + "\n").encode("utf-8")
 
 
 def check_folder(folder: Path) -> None:
@@ -76,7 +101,7 @@ def push_folder(folder: str | Path, repo: str, private: bool = False, revision: 
                 dry_run: bool = False, say=None) -> dict:
     """Upload `folder` to the model repository `repo`; returns what was done. `say(line)` hears each
     step; `dry_run`: only say what would go up (nothing written, no network)."""
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     folder, say = Path(folder), say or (lambda line: None)
@@ -88,10 +113,12 @@ def push_folder(folder: str | Path, repo: str, private: bool = False, revision: 
                         "write it as ORG/NAME") from None
     endpoint, branch = hub_endpoint(), revision or "main"
     where = f"{repo} ({branch}) at {endpoint}"
+    adapter = hub_adapter_config(folder)
     if dry_run:
         upload = plan_upload(folder)
         missing = [] if (folder / CARD).is_file() else [CARD]  # the card push would write first
         _say_upload(say, Upload(sorted(upload.files + missing), upload.left_out, upload.bytes), folder, where, True)
+        _say_adapter(say, adapter, folder)
         return {"repo": repo, "files": sorted(upload.files + missing), "url": None}
     token = get_token()
     if not token:
@@ -106,9 +133,12 @@ def push_folder(folder: str | Path, repo: str, private: bool = False, revision: 
     say(f"model card: {'written, naming ' + repo if card else 'kept as it is (' + CARD + ')'}")
     upload = plan_upload(folder)
     _say_upload(say, upload, folder, where, False)
+    _say_adapter(say, adapter, folder)
+    rewritten = {ADAPTER_CONFIG: adapter[1]} if adapter else {}
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=rewritten.get(name) or str(folder / name))
+                  for name in upload.files]
     with hub_errors(endpoint, repo):
-        commit = api.upload_folder(repo_id=repo, folder_path=str(folder), revision=branch,
-                                   ignore_patterns=list(LEFT_OUT), commit_message=f"vitune push {folder.name}")
+        commit = api.create_commit(repo, operations, revision=branch, commit_message=f"vitune push {folder.name}")
     return {"repo": repo, "files": upload.files, "url": getattr(commit, "commit_url", None) or f"{endpoint}/{repo}"}
 
 
@@ -119,6 +149,13 @@ def _say_upload(say, upload: Upload, folder: Path, where: str, dry_run: bool) ->
         say(f"  {name}")
     if upload.left_out:
         say(f"left out: {', '.join(upload.left_out)}")
+
+
+def _say_adapter(say, adapter: tuple[str, bytes] | None, folder: Path) -> None:
+    if adapter:
+        local = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))["base_model_name_or_path"]
+        say(f"{ADAPTER_CONFIG} goes up naming its base {adapter[0]} (here {local}, a local copy; the file here "
+            "is not changed)")
 
 
 @contextmanager
