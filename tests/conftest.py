@@ -20,6 +20,21 @@ os.environ["VITUNE_CACHE_DIR"] = tempfile.mkdtemp(prefix="vitune-cache-")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hub_offline():
+    """No test may wait on the network: a Hub id fails at once, as on CI's offline machine (a test
+    of what vitune says when the Hub cannot be reached sets itself online: test_push)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     from vitune.models.tiny import TINY_FAMILIES, init_tiny_model

@@ -78,7 +78,7 @@ def test_a_dry_run_lists_what_would_go_up_and_writes_nothing(tmp_path, capsys, m
 def test_an_unreachable_hub_is_one_line_naming_the_endpoint_and_exit_2(tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
-    # online, whatever an earlier test set: the fuzz suite's session fixture keeps the Hub offline to its end
+    # online: tests/conftest.py keeps the Hub offline for every other test
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     port = closed_port()

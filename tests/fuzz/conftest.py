@@ -1,4 +1,4 @@
-"""Fixtures of the fuzz suite: the Hub kept offline, and the folders every case may use."""
+"""Fixtures of the fuzz suite: the folders every case may use (tests/conftest.py keeps the Hub offline)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,6 @@ import shutil
 import pytest
 
 from fuzz import targets
-
-
-@pytest.fixture(scope="session", autouse=True)
-def hub_offline():
-    """No case may wait on the network: a Hub id fails at once, as on an offline machine."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    patch = pytest.MonkeyPatch()
-    patch.setenv("HF_HUB_OFFLINE", "1")
-    patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    yield
-    patch.undo()
 
 
 @pytest.fixture(scope="session")
